@@ -88,7 +88,7 @@ class VPPOConfig(GRPOConfig):
     advantage_scale_min: float = field(default=0.9, metadata={"help": "Smallest TAS advantage scale (beta_min)."})
     advantage_scale_max: float | None = field(
         default=None,
-        metadata={"help": "Largest TAS advantage scale (beta_max); None makes the mean scale of each batch exactly 1."},
+        metadata={"help": "Largest TAS advantage scale (beta_max); None makes each batch's mean scale exactly 1."},
     )
     entropy_penalty_coef: float = field(
         default=0.0,

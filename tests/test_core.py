@@ -1,0 +1,156 @@
+"""The algorithm's pure functions against hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from vppo_trl import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
+from vppo_trl.core import entropy_penalty, kept_token_counts, kl_token_dependency
+
+
+def k3(d: float) -> float:
+    return min(max(math.exp(d) - d - 1, 0.0), 10.0)
+
+
+class TestTokenDependency:
+    def test_hand_computed_values(self):
+        logps = torch.tensor([[-1.0, -2.0, -0.5]])
+        perturbed = torch.tensor([[-1.5, -1.0, -0.5]])
+        mask = torch.tensor([[1, 1, 1]])
+        expected = torch.tensor([[k3(-0.5), k3(1.0), 0.0]])
+        torch.testing.assert_close(token_dependency(logps, perturbed, mask), expected)
+
+    def test_zero_where_masked_even_for_garbage(self):
+        logps = torch.tensor([[-1.0, float("nan"), -math.inf]])
+        perturbed = torch.tensor([[-3.0, 0.0, 0.0]])
+        mask = torch.tensor([[1, 0, 0]])
+        out = token_dependency(logps, perturbed, mask)
+        assert out[0, 1] == 0 and out[0, 2] == 0
+        assert out[0, 0] == pytest.approx(k3(-2.0))
+
+    def test_extreme_log_probs_are_clamped_and_finite(self):
+        logps = torch.tensor([[-1e30, 0.0, -math.inf, 0.0]])
+        perturbed = torch.tensor([[0.0, -1e30, 0.0, -math.inf]])
+        out = token_dependency(logps, perturbed, torch.ones(1, 4))
+        assert torch.isfinite(out).all()
+        # d = +20 saturates at the upper clamp; d = -20 gives exp(-20) + 19, also clamped to 10.
+        torch.testing.assert_close(out, torch.full((1, 4), 10.0))
+
+    def test_never_negative_and_zero_for_identical(self):
+        logps = torch.randn(4, 7)
+        out = token_dependency(logps, logps, torch.ones(4, 7))
+        assert (out == 0).all()
+        out = token_dependency(logps, torch.randn(4, 7), torch.ones(4, 7))
+        assert (out >= 0).all()
+
+
+class TestKLDependency:
+    def test_matches_torch_kl_div(self):
+        logits, perturbed = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+        expected = torch.nn.functional.kl_div(
+            perturbed.log_softmax(-1), logits.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1)
+        torch.testing.assert_close(kl_token_dependency(logits, perturbed), expected)
+
+    def test_mask_and_identical(self):
+        logits = torch.randn(1, 4, 5)
+        mask = torch.tensor([[1, 1, 0, 0]])
+        out = kl_token_dependency(logits, torch.randn(1, 4, 5), mask)
+        assert (out[0, 2:] == 0).all() and (out[0, :2] > 0).all()
+        torch.testing.assert_close(kl_token_dependency(logits, logits), torch.zeros(1, 4), atol=1e-6, rtol=0)
+
+
+class TestTopDependencyMask:
+    def test_exact_ceil_rounding(self):
+        # float: 0.4 * 15 = 6.000000000000001 -> 7; exact: 6
+        assert kept_token_counts(torch.tensor([15]), 0.4).item() == 6
+        assert kept_token_counts(torch.tensor([0, 1, 2, 3, 10, 11]), 0.4).tolist() == [0, 1, 1, 2, 4, 5]
+        assert kept_token_counts(torch.tensor([7]), 1.0).item() == 7
+        assert kept_token_counts(torch.tensor([10]), 0.3).item() == 3  # float gives 3.0000000000000004 -> 4
+
+    def test_selects_largest(self):
+        dependency = torch.tensor([[0.1, 0.9, 0.3, 0.7, 0.2]])
+        mask = torch.ones(1, 5)
+        out = top_dependency_mask(dependency, mask, 0.4)  # ceil(2.0) = 2
+        assert out.tolist() == [[False, True, False, True, False]]
+
+    def test_ties_earlier_position_wins(self):
+        dependency = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.5]])
+        out = top_dependency_mask(dependency, torch.ones(1, 5), 0.4)
+        assert out.tolist() == [[True, True, False, False, False]]
+        dependency = torch.tensor([[0.1, 0.5, 0.2, 0.5, 0.5]])
+        out = top_dependency_mask(dependency, torch.ones(1, 5), 0.4)
+        assert out.tolist() == [[False, True, False, True, False]]
+
+    def test_never_selects_padding_and_empty_rows(self):
+        dependency = torch.tensor([[0.0, 0.1, 9.0, 9.0], [5.0, 5.0, 5.0, 5.0]])
+        mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
+        out = top_dependency_mask(dependency, mask, 0.5)
+        assert out.tolist() == [[False, True, False, False], [False, False, False, False]]
+
+    def test_ratio_one_keeps_every_valid_token(self):
+        mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+        out = top_dependency_mask(torch.rand(2, 4), mask, 1.0)
+        assert torch.equal(out, mask.bool())
+
+    def test_per_row_counts(self):
+        mask = torch.tensor([[1] * 15 + [0] * 5, [1] * 20])
+        out = top_dependency_mask(torch.rand(2, 20), mask, 0.4)
+        assert out.sum(-1).tolist() == [6, 8]
+
+    @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+    def test_bad_ratio(self, ratio):
+        with pytest.raises(ValueError, match="ratio"):
+            top_dependency_mask(torch.rand(1, 3), torch.ones(1, 3), ratio)
+
+
+class TestTrajectoryDependency:
+    def test_mean_over_valid_and_empty(self):
+        dependency = torch.tensor([[1.0, 3.0, 100.0], [2.0, 2.0, 2.0]])
+        mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+        assert trajectory_dependency(dependency, mask).tolist() == [2.0, 0.0]
+
+
+class TestAdvantageScales:
+    def test_fixed_range(self):
+        scores = torch.tensor([0.0, 0.5, 1.0, 0.25])
+        out = advantage_scales(scores, torch.ones(4, dtype=torch.bool), beta_min=0.9, beta_max=1.1)
+        torch.testing.assert_close(out, torch.tensor([0.9, 1.0, 1.1, 0.95]))
+
+    def test_dynamic_range_has_mean_one(self):
+        scores = torch.tensor([0.2, 0.4, 1.7, 0.9, 0.3])
+        out = advantage_scales(scores, torch.ones(5, dtype=torch.bool), beta_min=0.9)
+        assert out.mean().item() == pytest.approx(1.0, abs=1e-6)
+        assert out.min().item() == pytest.approx(0.9)
+        u = (scores - 0.2) / 1.5
+        beta_max = 0.9 + 0.1 / (u.mean().item() + 1e-8)
+        assert out.max().item() == pytest.approx(beta_max, rel=1e-6)
+
+    def test_excluded_samples_get_one_and_do_not_count(self):
+        scores = torch.tensor([0.0, 1.0, 50.0, -3.0])
+        valid = torch.tensor([True, True, False, False])
+        out = advantage_scales(scores, valid, beta_min=0.5, beta_max=1.5)
+        assert out.tolist() == [0.5, 1.5, 1.0, 1.0]
+
+    def test_all_equal_or_single_valid_gives_ones(self):
+        assert advantage_scales(torch.full((3,), 0.7), torch.ones(3, dtype=torch.bool)).tolist() == [1.0] * 3
+        single = advantage_scales(torch.tensor([0.1, 9.0]), torch.tensor([True, False]))
+        assert single.tolist() == [1.0, 1.0]
+        assert advantage_scales(torch.rand(3), torch.zeros(3, dtype=torch.bool)).tolist() == [1.0] * 3
+        nearly = advantage_scales(torch.tensor([0.5, 0.5 + 1e-7]), torch.ones(2, dtype=torch.bool))
+        assert nearly.tolist() == [1.0, 1.0]
+
+    def test_monotone_in_dependency(self):
+        scores = torch.rand(16)
+        out = advantage_scales(scores, torch.ones(16, dtype=torch.bool))
+        order = scores.argsort()
+        assert (out[order].diff() >= 0).all()
+        assert torch.isfinite(out).all()
+
+
+def test_entropy_penalty():
+    logps = torch.tensor([[-1.0, -3.0, -100.0], [-2.0, -0.5, -0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert entropy_penalty(logps, mask).item() == pytest.approx(7.0 / 5)
+    assert entropy_penalty(logps, torch.zeros(2, 3)).item() == 0.0

@@ -1,0 +1,121 @@
+"""Perturbations: image-space behaviour, layout round trips through real Qwen-VL image processors, reproducibility."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessor
+
+from vppo_trl.perturbations import PixelLayout, perturb_images, perturb_pixel_values
+
+KINDS = ("patch_blackening", "gaussian_noise", "gaussian_blur", "solid")
+
+
+def random_image(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(params=[14, 16], ids=["qwen2_5_vl-patch14", "qwen3_vl-patch16"])
+def processed(request):
+    """pixel_values of three images of two sizes, as a real Qwen-VL image processor makes them."""
+    patch = request.param
+    kwargs = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if patch == 16 else {}  # Qwen3-VL's normalisation
+    processor = Qwen2VLImageProcessor(
+        patch_size=patch, min_pixels=(2 * patch) ** 2, max_pixels=(8 * patch) ** 2, **kwargs
+    )
+    images = [random_image(4 * patch, 6 * patch, 0), random_image(4 * patch, 6 * patch, 1), random_image(60, 90, 2)]
+    out = processor(images=images, return_tensors="pt")
+    return processor, images, out["pixel_values"], out["image_grid_thw"]
+
+
+def test_layout_round_trip_and_image_content(processed):
+    processor, images, pixel_values, grid = processed
+    layout = PixelLayout.from_image_processor(processor)
+    decoded = layout.to_images(pixel_values, grid)
+    assert [tuple(img.shape[1:]) for img in decoded] == [
+        (int(t[1]) * layout.patch_size, int(t[2]) * layout.patch_size) for t in grid
+    ]
+    # The first image was not resized: decoding gives back its pixels.
+    original = torch.from_numpy(np.array(images[0])).permute(2, 0, 1).float()
+    torch.testing.assert_close(decoded[0], original, atol=1e-3, rtol=0)
+    torch.testing.assert_close(layout.to_pixel_values(decoded, like=pixel_values), pixel_values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_layout_and_reproducible(processed, kind):
+    processor, _, pixel_values, grid = processed
+    layout = PixelLayout.from_image_processor(processor)
+    first = perturb_pixel_values(pixel_values, layout, kind, torch.Generator().manual_seed(3), image_grid_thw=grid)
+    again = perturb_pixel_values(pixel_values, layout, kind, torch.Generator().manual_seed(3), image_grid_thw=grid)
+    assert first.shape == pixel_values.shape and first.dtype == pixel_values.dtype
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, pixel_values)
+    # Temporal copies inside each patch row stay identical, as for a still image.
+    rows = first.view(first.size(0), 3, layout.temporal_patch_size, -1)
+    torch.testing.assert_close(rows[:, :, 0], rows[:, :, 1])
+
+
+def test_patch_blackening_blackens_whole_patches(processed):
+    processor, _, pixel_values, grid = processed
+    layout = PixelLayout.from_image_processor(processor)
+    out = perturb_pixel_values(
+        pixel_values,
+        layout,
+        "patch_blackening",
+        torch.Generator().manual_seed(0),
+        image_grid_thw=grid,
+        patch_size=layout.patch_size,
+        prob=0.5,
+    )
+    black = torch.tensor([(0 - m) / s for m, s in zip(layout.mean, layout.std, strict=True)])
+    per_channel = out.view(out.size(0), 3, -1)
+    is_black = torch.isclose(per_channel, black.view(1, 3, 1), atol=1e-5).all(-1).all(-1)
+    unchanged = torch.isclose(out, pixel_values, atol=1e-5).all(-1)
+    assert bool((is_black | unchanged).all())  # every patch is either blackened whole or untouched
+    assert 0.3 < is_black.float().mean().item() < 0.7
+    copies_differ = not torch.equal(is_black[:24], is_black[24:48])  # the two copies of one image get own draws
+    assert copies_differ
+
+
+def test_image_space_operations():
+    images = torch.full((2, 3, 28, 42), 200.0)
+    generator = torch.Generator().manual_seed(0)
+    solid = perturb_images(images, "solid")
+    assert (solid == 128).all()
+    noisy = perturb_images(images, "gaussian_noise", generator, noise_std=189.0)
+    assert noisy.min() >= 0 and noisy.max() <= 255 and noisy.std() > 50
+    blurred = perturb_images(images, "gaussian_blur", blur_radius=6.0)
+    torch.testing.assert_close(blurred, images, atol=1e-2, rtol=0)  # a constant image is a fixed point of blurring
+    edge = torch.zeros(1, 3, 28, 28)
+    edge[..., 14:] = 255.0
+    smooth = perturb_images(edge, "gaussian_blur", blur_radius=2.0)
+    assert 0 < smooth[0, 0, 0, 13] < 255 and smooth[0, 0, 0, 0] < smooth[0, 0, 0, 13] < smooth[0, 0, 0, 14]
+    blackened = perturb_images(images, "patch_blackening", generator, patch_size=7, prob=1.0)
+    assert (blackened == 0).all()
+    untouched = perturb_images(images, "patch_blackening", generator, patch_size=7, prob=0.0)
+    assert torch.equal(untouched, images)
+
+
+def test_patch_blackening_with_non_native_patch_size():
+    images = torch.full((1, 3, 28, 28), 100.0)
+    out = perturb_images(images, "patch_blackening", torch.Generator().manual_seed(1), patch_size=10, prob=0.5)
+    blocks = out[0, 0].unfold(0, 10, 10).unfold(1, 10, 10)  # the full 10x10 blocks
+    assert all(len(torch.unique(block)) == 1 for row in blocks for block in row)
+
+
+def test_plain_image_layout():
+    layout = PixelLayout(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    pixel_values = torch.rand(2, 3, 16, 16) * 2 - 1
+    images = layout.to_images(pixel_values)
+    assert all(img.min() >= 0 and img.max() <= 255 for img in images)
+    torch.testing.assert_close(layout.to_pixel_values(images, like=pixel_values), pixel_values)
+    out = perturb_pixel_values(pixel_values, layout, "solid")
+    torch.testing.assert_close(out, torch.full_like(pixel_values, 128 / 255 * 2 - 1))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="Unknown perturbation"):
+        perturb_images(torch.zeros(1, 3, 4, 4), "pixelate")
+    with pytest.raises(ValueError, match="supported image layout"):
+        PixelLayout(mean=(0.5,), std=(0.5,)).to_images(torch.zeros(3, 10))

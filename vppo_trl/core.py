@@ -1,0 +1,160 @@
+"""VPPO's math as pure functions on tensors.
+
+Shapes: `B` completions, `T` completion positions, `V` vocabulary. `mask` is the completion mask (1 for a generated
+token, 0 for padding). Section numbers refer to the project's VPPO specification.
+"""
+
+import math
+from fractions import Fraction
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0
+DEPENDENCY_CLAMP = 10.0
+DEGENERATE_RANGE = 1e-6
+DYNAMIC_RANGE_EPS = 1e-8
+
+
+def token_dependency(logps: torch.Tensor, perturbed_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """
+    Visual dependency of each sampled token, estimated from its log-probs with and without the image (k3 estimator).
+
+    With `d = clamp(perturbed_logps - logps, -20, 20)`, the dependency is `clamp(exp(d) - d - 1, 0, 10)`: a
+    non-negative, sampled-token estimate of KL(pi(.|image) || pi(.|perturbed image)), as in the official code. It is
+    exactly 0 where `mask` is 0, and never NaN, even for infinite log-probs.
+
+    Args:
+        logps: `[B, T]` log-probs of the sampled tokens given the image.
+        perturbed_logps: `[B, T]` log-probs of the same tokens given the perturbed image.
+        mask: `[B, T]` completion mask.
+
+    Returns:
+        `[B, T]` float tensor of dependencies.
+    """
+    log_ratio = torch.nan_to_num(perturbed_logps.float() - logps.float(), nan=0.0)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    dependency = (torch.exp(log_ratio) - log_ratio - 1).clamp(0.0, DEPENDENCY_CLAMP)
+    return torch.where(mask.bool(), dependency, torch.zeros_like(dependency))
+
+
+def kl_token_dependency(
+    logits: torch.Tensor, perturbed_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """
+    Full-vocabulary visual dependency, KL(pi(.|image) || pi(.|perturbed image)) per position (paper Def. 3.1).
+
+    Computed in float32. Callers bound memory by passing a chunk of positions at a time.
+
+    Args:
+        logits: `[..., V]` logits given the image (already divided by the sampling temperature).
+        perturbed_logits: `[..., V]` logits given the perturbed image.
+        mask: optional `[...]` mask; the result is exactly 0 where it is 0.
+
+    Returns:
+        `[...]` float tensor of non-negative KL divergences.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    perturbed_logp = torch.log_softmax(perturbed_logits.float(), dim=-1)
+    kl = torch.sum(logp.exp() * (logp - perturbed_logp), dim=-1).clamp(min=0.0)
+    if mask is not None:
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+    return kl
+
+
+def kept_token_counts(valid_counts: torch.Tensor, ratio: float) -> torch.Tensor:
+    """
+    `ceil(ratio * n)` for each count `n`, in exact decimal arithmetic.
+
+    Float arithmetic would give `ceil(0.4 * 15) = 7`; the ratio is read as the decimal the user wrote (`0.4 = 2/5`),
+    which gives 6.
+    """
+    fraction = Fraction(repr(float(ratio)))
+    numerator, denominator = fraction.numerator, fraction.denominator
+    return (valid_counts.long() * numerator + denominator - 1) // denominator
+
+
+def top_dependency_mask(dependency: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """
+    Token-level Gradient Filtering: keep the `ceil(ratio * n_i)` most image-dependent tokens of each completion.
+
+    Ties are broken by position (the earlier token wins). Padding positions are never kept.
+
+    Args:
+        dependency: `[B, T]` token dependencies.
+        mask: `[B, T]` completion mask.
+        ratio: share of each completion's valid tokens to keep, in (0, 1].
+
+    Returns:
+        `[B, T]` bool mask of the kept tokens.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    valid = mask.bool()
+    keys = torch.where(valid, dependency.float(), torch.full_like(dependency, -math.inf, dtype=torch.float32))
+    # A stable descending sort keeps equal keys in position order, so the earlier position ranks first.
+    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(keys.size(-1), device=keys.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    keep_counts = kept_token_counts(valid.sum(-1), ratio)
+    return (rank < keep_counts.unsqueeze(-1)) & valid
+
+
+def trajectory_dependency(dependency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """
+    Mean token dependency of each completion over its valid tokens (0 for an empty completion).
+
+    Returns:
+        `[B]` float tensor.
+    """
+    mask = mask.to(dependency.dtype)
+    return (dependency * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def advantage_scales(
+    trajectory_dependency: torch.Tensor,
+    valid: torch.Tensor,
+    beta_min: float = 0.9,
+    beta_max: float | None = None,
+) -> torch.Tensor:
+    """
+    Trajectory-level Advantage Shaping: a scale for each completion's advantage that grows with its mean dependency.
+
+    Over the samples marked `valid`, dependencies are min-max normalised to `u` in [0, 1] and mapped linearly to
+    `[beta_min, beta_max]`. With `beta_max=None` (dynamic range, official code), `beta_max` is chosen so that the mean
+    scale over the valid samples is 1. If the valid dependencies span less than 1e-6, or no sample is valid, every
+    scale is 1. Samples not marked valid get exactly 1.
+
+    Args:
+        trajectory_dependency: `[B]` mean dependency of each completion.
+        valid: `[B]` bool, the samples that take part in the statistics.
+        beta_min: smallest scale.
+        beta_max: largest scale, or `None` for the dynamic range.
+
+    Returns:
+        `[B]` float tensor of scales.
+    """
+    valid = valid.bool()
+    values = trajectory_dependency.float()
+    ones = torch.ones_like(values)
+    if not bool(valid.any()):
+        return ones
+    low = values[valid].min()
+    high = values[valid].max()
+    spread = high - low
+    if float(spread) <= DEGENERATE_RANGE:
+        return ones
+    normalised = ((values - low) / spread).clamp(0.0, 1.0)
+    if beta_max is None:
+        beta_max = beta_min + (1.0 - beta_min) / (normalised[valid].mean() + DYNAMIC_RANGE_EPS)
+    scales = beta_min + (beta_max - beta_min) * normalised
+    return torch.where(valid, scales, ones)
+
+
+def entropy_penalty(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """
+    Sampled-token entropy estimate `-sum(logp * mask) / sum(mask)` over all valid completion tokens (paper App. E).
+
+    Added to the loss with a positive coefficient it lowers the policy's entropy, which keeps VPPO from collapsing.
+    """
+    mask = mask.to(logps.dtype)
+    return -(logps * mask).sum() / mask.sum().clamp(min=1.0)

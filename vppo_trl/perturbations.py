@@ -1,0 +1,173 @@
+"""Image perturbations that make an image uninformative, applied to the tensors the vision tower sees.
+
+The perturbations work in image space (0-255 RGB, at the resolution the processor produced) on the device, with no
+round trip through PIL. [`PixelLayout`] converts between a processor's `pixel_values` and images, so a perturbed
+batch keeps exactly the token layout of the original one (same image size, same grid).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms.v2 import functional as F
+
+SOLID_GREY = 128.0
+
+
+def perturb_images(
+    images: torch.Tensor,
+    kind: str,
+    generator: torch.Generator | None = None,
+    patch_size: int = 14,
+    prob: float = 0.5,
+    noise_std: float = 189.0,
+    blur_radius: float = 6.0,
+) -> torch.Tensor:
+    """
+    Perturb a batch of images given as float tensors `[N, C, H, W]` with values in [0, 255].
+
+    Every image gets its own random draw from `generator`, so the same generator state gives the same result.
+
+    Args:
+        images: the images, 0-255.
+        kind: `"patch_blackening"` (each `patch_size` x `patch_size` patch, aligned to the top-left corner, is set to
+            0 with probability `prob`), `"gaussian_noise"` (additive noise of standard deviation `noise_std`, clipped
+            to [0, 255]), `"gaussian_blur"` (Gaussian blur whose standard deviation is `blur_radius` pixels) or
+            `"solid"` (every pixel 128).
+        generator: source of randomness for the random perturbations.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
+    if kind == "patch_blackening":
+        num_images, _, height, width = images.shape
+        rows, cols = math.ceil(height / patch_size), math.ceil(width / patch_size)
+        draws = torch.rand((num_images, 1, rows, cols), generator=generator, device=images.device)
+        blacken = (draws < prob).repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+        return images.masked_fill(blacken[:, :, :height, :width], 0.0)
+    if kind == "gaussian_noise":
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        return (images + noise_std * noise).clamp(0.0, 255.0)
+    if kind == "gaussian_blur":
+        if blur_radius <= 0:
+            return images.clone()
+        # Three standard deviations each side, but never wider than the reflect padding allows.
+        half_width = min(math.ceil(3 * blur_radius), min(images.shape[-2:]) - 1)
+        kernel_size = 2 * half_width + 1
+        return F.gaussian_blur(images, kernel_size=[kernel_size, kernel_size], sigma=[blur_radius, blur_radius])
+    if kind == "solid":
+        return torch.full_like(images, SOLID_GREY)
+    raise ValueError(f"Unknown perturbation {kind!r}.")
+
+
+@dataclass(frozen=True)
+class PixelLayout:
+    """
+    How a processor encodes images in `pixel_values`, and the inverse.
+
+    Two layouts are supported:
+    - Qwen-VL patch rows (`image_grid_thw` present): each image is `t * h * w` rows of `C * T * P * P` values, rows
+      ordered by merge window (`merge_size` x `merge_size` patches), each patch repeated `T` times in time.
+    - plain image tensors `[N, C, H, W]` (LLaVA-style processors).
+    Values are normalised: `(x * rescale_factor - mean) / std`.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    rescale_factor: float = 1 / 255
+    patch_size: int | None = None
+    temporal_patch_size: int | None = None
+    merge_size: int | None = None
+
+    @classmethod
+    def from_image_processor(cls, image_processor) -> "PixelLayout":
+        """Read the layout from a transformers image processor."""
+        mean = image_processor.image_mean if getattr(image_processor, "do_normalize", True) else (0.0, 0.0, 0.0)
+        std = image_processor.image_std if getattr(image_processor, "do_normalize", True) else (1.0, 1.0, 1.0)
+        rescale = image_processor.rescale_factor if getattr(image_processor, "do_rescale", True) else 1.0
+        return cls(
+            mean=tuple(float(m) for m in mean),
+            std=tuple(float(s) for s in std),
+            rescale_factor=float(rescale),
+            patch_size=getattr(image_processor, "patch_size", None),
+            temporal_patch_size=getattr(image_processor, "temporal_patch_size", None),
+            merge_size=getattr(image_processor, "merge_size", None),
+        )
+
+    def _normalisation(self, reference: torch.Tensor, channel_dim: int, ndim: int) -> tuple[torch.Tensor, ...]:
+        shape = [1] * ndim
+        shape[channel_dim] = -1
+        mean = torch.tensor(self.mean, device=reference.device, dtype=torch.float32).view(shape)
+        std = torch.tensor(self.std, device=reference.device, dtype=torch.float32).view(shape)
+        return mean, std
+
+    def to_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Turn `pixel_values` into a list of float32 images `[C, H, W]` in 0-255 (one per image)."""
+        if image_grid_thw is None:
+            if pixel_values.ndim != 4:
+                raise ValueError(
+                    f"pixel_values of shape {tuple(pixel_values.shape)} without image_grid_thw is not a supported "
+                    "image layout (expected [N, C, H, W])."
+                )
+            mean, std = self._normalisation(pixel_values, 1, 4)
+            return list((pixel_values.float() * std + mean) / self.rescale_factor)
+        channels = len(self.mean)
+        patch, temporal, merge = self.patch_size, self.temporal_patch_size, self.merge_size
+        images = []
+        for rows, (grid_t, grid_h, grid_w) in zip(
+            torch.split(pixel_values, image_grid_thw.prod(-1).tolist()), image_grid_thw.tolist(), strict=True
+        ):
+            if grid_t != 1:
+                raise ValueError(f"Only still images can be perturbed; got a temporal grid of {grid_t}.")
+            patches = rows.float().view(
+                grid_h // merge, grid_w // merge, merge, merge, channels, temporal, patch, patch
+            )
+            patches = patches[:, :, :, :, :, 0]  # the temporal copies of an image are identical
+            image = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, grid_h * patch, grid_w * patch)
+            mean, std = self._normalisation(image, 0, 3)
+            images.append((image * std + mean) / self.rescale_factor)
+        return images
+
+    def to_pixel_values(self, images: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Inverse of [`to_images`]: encode 0-255 images back into the layout and dtype of `like`."""
+        if like.ndim == 4:
+            stacked = torch.stack(images)
+            mean, std = self._normalisation(stacked, 1, 4)
+            return ((stacked * self.rescale_factor - mean) / std).to(like.dtype)
+        channels = len(self.mean)
+        patch, temporal, merge = self.patch_size, self.temporal_patch_size, self.merge_size
+        all_rows = []
+        for image in images:
+            mean, std = self._normalisation(image, 0, 3)
+            normalised = (image * self.rescale_factor - mean) / std
+            grid_h, grid_w = image.shape[1] // patch, image.shape[2] // patch
+            patches = normalised.view(channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+            patches = patches.permute(1, 4, 2, 5, 0, 3, 6).unsqueeze(5)
+            patches = patches.expand(-1, -1, -1, -1, -1, temporal, -1, -1)
+            all_rows.append(patches.reshape(grid_h * grid_w, channels * temporal * patch * patch))
+        return torch.cat(all_rows).to(like.dtype)
+
+
+def perturb_pixel_values(
+    pixel_values: torch.Tensor,
+    layout: PixelLayout,
+    kind: str,
+    generator: torch.Generator | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    **perturbation_kwargs,
+) -> torch.Tensor:
+    """
+    Perturb processed `pixel_values` in image space and return them in the same layout, shape and dtype.
+
+    Images of the same size are perturbed together, so a batch of copies of one image (one per completion) costs a
+    single batched operation.
+    """
+    images = layout.to_images(pixel_values, image_grid_thw)
+    perturbed: list[torch.Tensor | None] = [None] * len(images)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(index)
+    for indices in by_size.values():
+        batch = perturb_images(torch.stack([images[i] for i in indices]), kind, generator, **perturbation_kwargs)
+        for i, image in zip(indices, batch, strict=True):
+            perturbed[i] = image
+    return layout.to_pixel_values(perturbed, like=pixel_values)

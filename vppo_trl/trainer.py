@@ -1,0 +1,402 @@
+"""VPPOTrainer: GRPO whose policy gradient is focused on the tokens and trajectories that depend on the image."""
+
+import textwrap
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
+
+from .config import VPPOConfig
+from .core import (
+    advantage_scales,
+    entropy_penalty,
+    kl_token_dependency,
+    token_dependency,
+    top_dependency_mask,
+    trajectory_dependency,
+)
+from .perturbations import PixelLayout, perturb_pixel_values
+
+# Per-sample tensors of a generation batch that a sub-batch of rows must carry along.
+PER_SAMPLE_KEYS = ("token_type_ids", "mm_token_type_ids", "pixel_attention_mask")
+# Image layouts the perturbation cannot rebuild (tiled or position-indexed pixels).
+UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
+# Positions per chunk when the `kl` estimator projects hidden states onto the vocabulary.
+KL_POSITIONS_PER_CHUNK = 512
+
+
+class VPPOTrainer(GRPOTrainer):
+    """
+    Trainer for Visually-Perceptive Policy Optimization (VPPO).
+
+    VPPO ("Spotlight on Token Perception for Multimodal Reinforcement Learning", https://arxiv.org/abs/2510.09285)
+    is GRPO for vision-language models with two changes, both driven by how much each generated token depends on the
+    image, measured by scoring the batch a second time on perturbed images:
+
+    - Token-level Gradient Filtering: only the `token_filter_ratio` most image-dependent tokens of each completion
+      receive policy gradient.
+    - Trajectory-level Advantage Shaping: each completion's advantage is scaled by its mean dependency.
+
+    Both are folded into per-token advantages right after generation, so GRPO's loss, clipping, KL and logging are
+    used unchanged. The only other change is the optional entropy penalty added to the loss.
+
+    It takes the same arguments as [`~trl.GRPOTrainer`], with a [`VPPOConfig`].
+    """
+
+    _tag_names = ["trl", "grpo", "vppo"]
+    _name = "VPPO"
+    _paper = {
+        "title": "Spotlight on Token Perception for Multimodal Reinforcement Learning",
+        "id": "2510.09285",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{huang2026spotlight,
+                title        = {{Spotlight on Token Perception for Multimodal Reinforcement Learning}},
+                author       = {Siyuan Huang and Xiaoye Qu and Yafu Li and Yun Luo and Zefeng He and Daizong Liu
+                                and Yu Cheng},
+                booktitle    = {International Conference on Learning Representations},
+                year         = 2026,
+                eprint       = {arXiv:2510.09285},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: VPPOConfig | None = None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = VPPOConfig(f"{model_name.split('/')[-1]}-VPPO")
+        elif not isinstance(args, VPPOConfig):
+            raise TypeError(f"args must be a VPPOConfig, got {type(args).__name__}.")
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        self._check_vision_model()
+        self.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
+        self._perturbation_round = 0
+        self._capture_policy_logps = False
+        self._policy_logps: torch.Tensor | None = None
+        self._warned_without_images = False
+        columns = getattr(self.train_dataset, "column_names", None)
+        if columns is not None and "images" not in columns and "image" not in columns:
+            self._warn_without_images()
+
+    def _check_vision_model(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):
+            model = model.get_base_model()
+        if getattr(model.config, "vision_config", None) is None:
+            raise ValueError(
+                f"VPPOTrainer needs a vision-language model, but {type(model).__name__} "
+                f"({get_config_model_id(model.config)}) has no vision tower (its config has no `vision_config`)."
+            )
+        if getattr(self.processing_class, "image_processor", None) is None:
+            raise ValueError(
+                f"VPPOTrainer needs a processor with an image processor to perturb images, got "
+                f"{type(self.processing_class).__name__}. Pass the model's processor as `processing_class`."
+            )
+
+    def _warn_without_images(self) -> None:
+        if not self._warned_without_images:
+            warnings.warn(
+                "The training data has no images ('images' or 'image' column): VPPO has no visual dependency to "
+                "measure and trains exactly like GRPO.",
+                stacklevel=3,
+            )
+            self._warned_without_images = True
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation: measure visual dependency, fold TGF and TAS into the advantages
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
+        output = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            self._apply_visual_dependency(output)
+        return output
+
+    def _apply_visual_dependency(self, batch: dict[str, Any]) -> None:
+        """Measure token visual dependency on `batch` and rewrite `batch["advantages"]` with TGF and TAS."""
+        args = self.args
+        mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+        advantages = batch["advantages"]
+        device = advantages.device
+        num_images = batch.get("num_images")
+        if num_images is None:
+            self._warn_without_images()
+        has_image = torch.tensor([bool(n) for n in (num_images or [0] * len(advantages))], device=device)
+        has_tokens = mask.sum(-1) > 0
+        shapeable = has_image & has_tokens & (advantages != 0)
+        needs_dependency = shapeable if args.skip_zero_advantage else has_image & has_tokens
+
+        dependency = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+        rows = needs_dependency.nonzero().squeeze(-1).tolist()
+        if rows or self._forward_passes_must_match():
+            dependency = self._visual_dependency(batch, rows, mask)
+
+        if args.token_filter_ratio < 1.0:
+            measured = needs_dependency.unsqueeze(-1)
+            keep = torch.where(measured, top_dependency_mask(dependency, mask, args.token_filter_ratio), mask.bool())
+        else:
+            keep = mask.bool()
+
+        # TAS statistics span the whole generation batch, all processes together.
+        sample_dependency = trajectory_dependency(dependency, mask)
+        all_dependency = self.accelerator.gather(sample_dependency)
+        all_shapeable = self.accelerator.gather(shapeable)
+        if args.advantage_shaping:
+            all_scales = advantage_scales(
+                all_dependency, all_shapeable, args.advantage_scale_min, args.advantage_scale_max
+            )
+        else:
+            all_scales = torch.ones_like(all_dependency)
+        local = slice(
+            self.accelerator.process_index * len(advantages), (self.accelerator.process_index + 1) * len(advantages)
+        )
+        shaped = advantages * all_scales[local].to(advantages.dtype)
+        if args.token_filter_ratio < 1.0:
+            batch["advantages"] = shaped.unsqueeze(-1) * keep.to(shaped.dtype)
+        else:
+            batch["advantages"] = shaped
+        self._log_dependency_metrics(
+            dependency, mask, keep, needs_dependency, has_image & has_tokens, all_scales, all_shapeable
+        )
+
+    def _forward_passes_must_match(self) -> bool:
+        """Whether every process must run the same forward passes (sharded parameters are gathered collectively)."""
+        return self.accelerator.num_processes > 1 and (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
+
+    def _visual_dependency(self, batch: dict[str, Any], rows: list[int], mask: torch.Tensor) -> torch.Tensor:
+        """`[B, T]` token dependencies, measured for `rows` (0 elsewhere)."""
+        unsupported = [key for key in UNSUPPORTED_PIXEL_KEYS if key in batch]
+        if unsupported:
+            raise ValueError(
+                f"VPPO cannot perturb this model's images: its processor returns {unsupported}. Supported layouts are "
+                "Qwen-VL patch rows (`image_grid_thw`) and plain [N, C, H, W] `pixel_values`."
+            )
+        measured_rows = rows
+        if self._forward_passes_must_match():
+            # Pad with repeats so that every process runs as many forward passes; the repeats are discarded.
+            counts = self.accelerator.gather(torch.tensor([len(rows)], device=mask.device))
+            target = int(counts.max())
+            filler = rows[:1] or self._rows_with_images(batch)[:1] or [0]
+            measured_rows = rows + filler * (target - len(rows))
+            if not measured_rows:
+                return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+
+        dependency = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        generator = self._perturbation_generator(mask.device)
+        logits_to_keep = mask.size(1)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.args.dependency_estimator == "k3":
+                measured = self._k3_dependency(batch, measured_rows, mask, generator, logits_to_keep)
+            else:
+                measured = self._kl_dependency(batch, measured_rows, mask, generator, logits_to_keep)
+        if rows:
+            dependency[rows] = measured[: len(rows)]
+        return dependency
+
+    def _rows_with_images(self, batch: dict[str, Any]) -> list[int]:
+        return [i for i, n in enumerate(batch.get("num_images") or []) if n]
+
+    def _perturbation_generator(self, device: torch.device) -> torch.Generator:
+        """A generator seeded from the trainer seed, the generation round and the process: reproducible runs."""
+        self._perturbation_round += 1
+        seed = hash((self.args.seed, self.state.global_step, self._perturbation_round, self.accelerator.process_index))
+        return torch.Generator(device=device).manual_seed(seed % (2**63))
+
+    def _select_rows(self, batch: dict[str, Any], rows: Sequence[int], perturbed_pixels: bool = False) -> dict:
+        """Model inputs for the completions `rows` of a generation batch (prompt + completion)."""
+        index = torch.tensor(rows, device=batch["prompt_ids"].device, dtype=torch.long)
+        inputs = {
+            "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)[index],
+            "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)[index],
+        }
+        num_images = batch.get("num_images")
+        pixel_values = batch.get("pixel_values")
+        if num_images is not None and pixel_values is not None:
+            image_counts = torch.tensor(num_images)
+            first_image = torch.cat([torch.zeros(1, dtype=torch.long), image_counts.cumsum(0)])
+            image_ids = [i for r in rows for i in range(int(first_image[r]), int(first_image[r + 1]))]
+            grid = batch.get("image_grid_thw")
+            if grid is not None:
+                rows_per_image = grid.prod(-1).tolist()
+                first_row = [0]
+                for count in rows_per_image:
+                    first_row.append(first_row[-1] + count)
+                pixel_rows = [p for i in image_ids for p in range(first_row[i], first_row[i + 1])]
+                inputs["pixel_values"] = pixel_values[torch.tensor(pixel_rows, device=pixel_values.device)]
+                inputs["image_grid_thw"] = grid[torch.tensor(image_ids, device=grid.device, dtype=torch.long)]
+            elif pixel_values.size(0) == sum(num_images):
+                inputs["pixel_values"] = pixel_values[torch.tensor(image_ids, device=pixel_values.device)]
+            else:
+                inputs["pixel_values"] = pixel_values[index]
+            if "image_sizes" in batch:
+                inputs["image_sizes"] = batch["image_sizes"][torch.tensor(image_ids, dtype=torch.long)]
+            inputs["num_images"] = [num_images[r] for r in rows]
+        for key in PER_SAMPLE_KEYS:
+            if key in batch:
+                inputs[key] = batch[key][index]
+        return inputs
+
+    def _perturb(self, inputs: dict, generator: torch.Generator) -> dict:
+        """The same model inputs with every image perturbed."""
+        if "pixel_values" not in inputs:
+            return inputs
+        args = self.args
+        perturbed = perturb_pixel_values(
+            inputs["pixel_values"],
+            self.pixel_layout,
+            args.perturbation,
+            generator,
+            image_grid_thw=inputs.get("image_grid_thw"),
+            patch_size=args.perturbation_patch_size,
+            prob=args.perturbation_prob,
+            noise_std=args.perturbation_noise_std,
+            blur_radius=args.perturbation_blur_radius,
+        )
+        return {**inputs, "pixel_values": perturbed}
+
+    def _sampled_token_logps(self, inputs: dict, logits_to_keep: int) -> torch.Tensor:
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            logits_to_keep,
+            batch_size=self.args.per_device_train_batch_size,
+            **{key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")},
+        )
+        return logps
+
+    def _k3_dependency(self, batch, rows, mask, generator, logits_to_keep) -> torch.Tensor:
+        inputs = self._select_rows(batch, rows)
+        index = torch.tensor(rows, device=mask.device, dtype=torch.long)
+        if "old_per_token_logps" in batch:
+            # TRL already scored the batch with the generating policy: reuse it, one forward pass saved.
+            logps = batch["old_per_token_logps"][index]
+        else:
+            logps = self._sampled_token_logps(inputs, logits_to_keep)
+        perturbed_logps = self._sampled_token_logps(self._perturb(inputs, generator), logits_to_keep)
+        return token_dependency(logps, perturbed_logps, mask[index])
+
+    def _kl_dependency(self, batch, rows, mask, generator, logits_to_keep) -> torch.Tensor:
+        """Full-vocabulary KL per token, a few completions and positions at a time so that logits stay small."""
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):
+            model = model.get_base_model()
+        backbone, lm_head = model.base_model, model.get_output_embeddings()
+        chunks = []
+        step = self.args.per_device_train_batch_size
+        for start in range(0, len(rows), step):
+            chunk_rows = rows[start : start + step]
+            inputs = self._select_rows(batch, chunk_rows)
+            hidden = self._completion_hidden_states(backbone, inputs, logits_to_keep)
+            perturbed_hidden = self._completion_hidden_states(
+                backbone, self._perturb(inputs, generator), logits_to_keep
+            )
+            chunk_mask = mask[torch.tensor(chunk_rows, device=mask.device, dtype=torch.long)]
+            kl = torch.zeros(chunk_mask.shape, dtype=torch.float32, device=mask.device)
+            with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias), self.accelerator.autocast():
+                for position in range(0, logits_to_keep, KL_POSITIONS_PER_CHUNK):
+                    window = slice(position, position + KL_POSITIONS_PER_CHUNK)
+                    logits = lm_head(hidden[:, window]) / self.temperature
+                    perturbed_logits = lm_head(perturbed_hidden[:, window]) / self.temperature
+                    kl[:, window] = kl_token_dependency(logits, perturbed_logits, chunk_mask[:, window])
+            chunks.append(kl)
+        return torch.cat(chunks)
+
+    def _completion_hidden_states(self, backbone, inputs: dict, logits_to_keep: int) -> torch.Tensor:
+        """Final hidden states at the positions that predict the completion tokens."""
+        model_inputs = {key: value for key, value in inputs.items() if key != "num_images"}
+        with self.accelerator.autocast():
+            hidden = backbone(**model_inputs, use_cache=False).last_hidden_state
+        return hidden[:, -logits_to_keep - 1 : -1]
+
+    def _log_dependency_metrics(
+        self,
+        dependency: torch.Tensor,
+        mask: torch.Tensor,
+        keep: torch.Tensor,
+        measured: torch.Tensor,
+        with_image: torch.Tensor,
+        all_scales: torch.Tensor,
+        all_shapeable: torch.Tensor,
+    ) -> None:
+        valid = mask.bool() & measured.unsqueeze(-1)
+        selected = valid & keep
+        rejected = valid & ~keep
+        sample_dependency = trajectory_dependency(dependency, mask)
+        sums = torch.stack(
+            [
+                valid.sum(),
+                selected.sum(),
+                (dependency * valid).sum(),
+                (dependency * selected).sum(),
+                (dependency * rejected).sum(),
+                rejected.sum(),
+                (sample_dependency * measured).sum(),
+                measured.sum(),
+                (with_image & ~measured).sum(),
+                with_image.sum(),
+            ]
+        ).float()
+        (
+            tokens,
+            selected_tokens,
+            dependency_sum,
+            selected_sum,
+            rejected_sum,
+            rejected_tokens,
+            trajectory_sum,
+            samples,
+            skipped,
+            with_image_samples,
+        ) = self.accelerator.reduce(sums, reduction="sum").tolist()
+        metrics = self._metrics["train"]
+        if tokens > 0:
+            metrics["vppo/token_fraction"].append(selected_tokens / tokens)
+            metrics["vppo/dependency_mean"].append(dependency_sum / tokens)
+        if selected_tokens > 0:
+            metrics["vppo/dependency_selected_mean"].append(selected_sum / selected_tokens)
+        if rejected_tokens > 0:
+            metrics["vppo/dependency_rejected_mean"].append(rejected_sum / rejected_tokens)
+        if samples > 0:
+            metrics["vppo/trajectory_dependency_mean"].append(trajectory_sum / samples)
+        if with_image_samples > 0:
+            metrics["vppo/skipped_fraction"].append(skipped / with_image_samples)
+        scales = all_scales[all_shapeable.bool()] if bool(all_shapeable.any()) else torch.ones(1)
+        scale_min, scale_mean, scale_max = torch.stack([scales.min(), scales.mean(), scales.max()]).tolist()
+        metrics["vppo/advantage_scale_min"].append(scale_min)
+        metrics["vppo/advantage_scale_mean"].append(scale_mean)
+        metrics["vppo/advantage_scale_max"].append(scale_max)
+        metrics["vppo/beta_max"].append(scale_max)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss: GRPO's, plus the entropy penalty on the current policy's log-probs
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._capture_policy_logps:
+            self._policy_logps = logps
+        return logps, entropies, aux_loss
+
+    def _compute_loss(self, model, inputs):
+        if self.args.entropy_penalty_coef == 0.0:
+            return super()._compute_loss(model, inputs)
+        self._capture_policy_logps = True
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._capture_policy_logps = False
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
+        penalty = entropy_penalty(self._policy_logps, mask)
+        self._policy_logps = None
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        self._metrics[mode]["vppo/entropy_penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
+        return loss + self.args.entropy_penalty_coef * penalty / accumulation
