@@ -159,8 +159,12 @@ def perturb_pixel_values(
     Perturb processed `pixel_values` in image space and return them in the same layout, shape and dtype.
 
     Images of the same size are perturbed together, so a batch of copies of one image (one per completion) costs a
-    single batched operation.
+    single batched operation. Blackening patches of the processor's own patch size is done directly on the patch rows
+    (one row is one patch), with no reshaping and no host-device synchronisation.
     """
+    patch_size = perturbation_kwargs.get("patch_size", layout.patch_size)
+    if kind == "patch_blackening" and image_grid_thw is not None and patch_size == layout.patch_size:
+        return blacken_patch_rows(pixel_values, layout, perturbation_kwargs.get("prob", 0.5), generator)
     images = layout.to_images(pixel_values, image_grid_thw)
     perturbed: list[torch.Tensor | None] = [None] * len(images)
     by_size: dict[tuple[int, ...], list[int]] = {}
@@ -171,3 +175,18 @@ def perturb_pixel_values(
         for i, image in zip(indices, batch, strict=True):
             perturbed[i] = image
     return layout.to_pixel_values(perturbed, like=pixel_values)
+
+
+def blacken_patch_rows(
+    pixel_values: torch.Tensor, layout: PixelLayout, prob: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Set each Qwen-VL patch row to black (0 in pixel space, normalised per channel) with probability `prob`."""
+    channels = len(layout.mean)
+    black = torch.tensor(
+        [(0.0 * layout.rescale_factor - m) / s for m, s in zip(layout.mean, layout.std, strict=True)],
+        device=pixel_values.device,
+        dtype=pixel_values.dtype,
+    )
+    black_row = black.repeat_interleave(pixel_values.size(-1) // channels)
+    blacken = torch.rand(pixel_values.size(0), generator=generator, device=pixel_values.device) < prob
+    return torch.where(blacken.unsqueeze(-1), black_row, pixel_values)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import GRPOTrainer
@@ -120,6 +121,7 @@ class VPPOTrainer(GRPOTrainer):
     def _apply_visual_dependency(self, batch: dict[str, Any]) -> None:
         """Measure token visual dependency on `batch` and rewrite `batch["advantages"]` with TGF and TAS."""
         args = self.args
+        self._perturbation_round += 1
         mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
         advantages = batch["advantages"]
         device = advantages.device
@@ -187,13 +189,16 @@ class VPPOTrainer(GRPOTrainer):
                 return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
 
         dependency = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        generator = self._perturbation_generator(mask.device)
+        # The whole batch is perturbed, so each completion's draw does not depend on which rows are measured.
+        perturbed = (
+            {**batch, "pixel_values": self._perturbed_pixel_values(batch)} if "pixel_values" in batch else batch
+        )
         logits_to_keep = mask.size(1)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.args.dependency_estimator == "k3":
-                measured = self._k3_dependency(batch, measured_rows, mask, generator, logits_to_keep)
+                measured = self._k3_dependency(batch, perturbed, measured_rows, mask, logits_to_keep)
             else:
-                measured = self._kl_dependency(batch, measured_rows, mask, generator, logits_to_keep)
+                measured = self._kl_dependency(batch, perturbed, measured_rows, mask, logits_to_keep)
         if rows:
             dependency[rows] = measured[: len(rows)]
         return dependency
@@ -201,13 +206,25 @@ class VPPOTrainer(GRPOTrainer):
     def _rows_with_images(self, batch: dict[str, Any]) -> list[int]:
         return [i for i, n in enumerate(batch.get("num_images") or []) if n]
 
-    def _perturbation_generator(self, device: torch.device) -> torch.Generator:
-        """A generator seeded from the trainer seed, the generation round and the process: reproducible runs."""
-        self._perturbation_round += 1
-        seed = hash((self.args.seed, self.state.global_step, self._perturbation_round, self.accelerator.process_index))
-        return torch.Generator(device=device).manual_seed(seed % (2**63))
+    def _perturbed_pixel_values(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Every image of the generation batch perturbed, with a draw seeded by trainer seed, round and process."""
+        pixel_values = batch["pixel_values"]
+        seed = hash((self.args.seed, self._perturbation_round, self.accelerator.process_index)) % (2**63)
+        generator = torch.Generator(device=pixel_values.device).manual_seed(seed)
+        args = self.args
+        return perturb_pixel_values(
+            pixel_values,
+            self.pixel_layout,
+            args.perturbation,
+            generator,
+            image_grid_thw=batch.get("image_grid_thw"),
+            patch_size=args.perturbation_patch_size,
+            prob=args.perturbation_prob,
+            noise_std=args.perturbation_noise_std,
+            blur_radius=args.perturbation_blur_radius,
+        )
 
-    def _select_rows(self, batch: dict[str, Any], rows: Sequence[int], perturbed_pixels: bool = False) -> dict:
+    def _select_rows(self, batch: dict[str, Any], rows: Sequence[int]) -> dict:
         """Model inputs for the completions `rows` of a generation batch (prompt + completion)."""
         index = torch.tensor(rows, device=batch["prompt_ids"].device, dtype=torch.long)
         inputs = {
@@ -241,24 +258,6 @@ class VPPOTrainer(GRPOTrainer):
                 inputs[key] = batch[key][index]
         return inputs
 
-    def _perturb(self, inputs: dict, generator: torch.Generator) -> dict:
-        """The same model inputs with every image perturbed."""
-        if "pixel_values" not in inputs:
-            return inputs
-        args = self.args
-        perturbed = perturb_pixel_values(
-            inputs["pixel_values"],
-            self.pixel_layout,
-            args.perturbation,
-            generator,
-            image_grid_thw=inputs.get("image_grid_thw"),
-            patch_size=args.perturbation_patch_size,
-            prob=args.perturbation_prob,
-            noise_std=args.perturbation_noise_std,
-            blur_radius=args.perturbation_blur_radius,
-        )
-        return {**inputs, "pixel_values": perturbed}
-
     def _sampled_token_logps(self, inputs: dict, logits_to_keep: int) -> torch.Tensor:
         logps, _, _ = self._get_per_token_logps_and_entropies(
             self.model,
@@ -270,7 +269,7 @@ class VPPOTrainer(GRPOTrainer):
         )
         return logps
 
-    def _k3_dependency(self, batch, rows, mask, generator, logits_to_keep) -> torch.Tensor:
+    def _k3_dependency(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
         inputs = self._select_rows(batch, rows)
         index = torch.tensor(rows, device=mask.device, dtype=torch.long)
         if "old_per_token_logps" in batch:
@@ -278,10 +277,10 @@ class VPPOTrainer(GRPOTrainer):
             logps = batch["old_per_token_logps"][index]
         else:
             logps = self._sampled_token_logps(inputs, logits_to_keep)
-        perturbed_logps = self._sampled_token_logps(self._perturb(inputs, generator), logits_to_keep)
+        perturbed_logps = self._sampled_token_logps(self._select_rows(perturbed, rows), logits_to_keep)
         return token_dependency(logps, perturbed_logps, mask[index])
 
-    def _kl_dependency(self, batch, rows, mask, generator, logits_to_keep) -> torch.Tensor:
+    def _kl_dependency(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
         """Full-vocabulary KL per token, a few completions and positions at a time so that logits stay small."""
         model = self.accelerator.unwrap_model(self.model)
         if is_peft_model(model):
@@ -294,15 +293,17 @@ class VPPOTrainer(GRPOTrainer):
             inputs = self._select_rows(batch, chunk_rows)
             hidden = self._completion_hidden_states(backbone, inputs, logits_to_keep)
             perturbed_hidden = self._completion_hidden_states(
-                backbone, self._perturb(inputs, generator), logits_to_keep
+                backbone, self._select_rows(perturbed, chunk_rows), logits_to_keep
             )
             chunk_mask = mask[torch.tensor(chunk_rows, device=mask.device, dtype=torch.long)]
             kl = torch.zeros(chunk_mask.shape, dtype=torch.float32, device=mask.device)
             with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias), self.accelerator.autocast():
                 for position in range(0, logits_to_keep, KL_POSITIONS_PER_CHUNK):
                     window = slice(position, position + KL_POSITIONS_PER_CHUNK)
-                    logits = lm_head(hidden[:, window]) / self.temperature
-                    perturbed_logits = lm_head(perturbed_hidden[:, window]) / self.temperature
+                    # F.linear on the gathered weight: no per-window collectives, whatever the local length.
+                    logits = F.linear(hidden[:, window], lm_head.weight, lm_head.bias) / self.temperature
+                    perturbed_logits = F.linear(perturbed_hidden[:, window], lm_head.weight, lm_head.bias)
+                    perturbed_logits = perturbed_logits / self.temperature
                     kl[:, window] = kl_token_dependency(logits, perturbed_logits, chunk_mask[:, window])
             chunks.append(kl)
         return torch.cat(chunks)
