@@ -100,7 +100,7 @@ class VPPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # VPPO's own fields first, so that their errors are not hidden behind the hardware checks of the parent.
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation={self.perturbation!r} is not supported; choose one of {PERTURBATIONS}.")
         if self.dependency_estimator not in DEPENDENCY_ESTIMATORS:
@@ -132,3 +132,4 @@ class VPPOConfig(GRPOConfig):
             )
         if self.entropy_penalty_coef < 0:
             raise ValueError(f"entropy_penalty_coef={self.entropy_penalty_coef} must be >= 0.")
+        super().__post_init__()

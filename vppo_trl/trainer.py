@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
@@ -23,6 +24,8 @@ from .core import (
     trajectory_dependency,
 )
 from .perturbations import PixelLayout, perturb_pixel_values
+
+logger = logging.get_logger(__name__)
 
 # Per-sample tensors of a generation batch that a sub-batch of rows must carry along.
 PER_SAMPLE_KEYS = ("token_type_ids", "mm_token_type_ids", "pixel_attention_mask")
@@ -75,6 +78,12 @@ class VPPOTrainer(GRPOTrainer):
             raise TypeError(f"args must be a VPPOConfig, got {type(args).__name__}.")
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self._check_vision_model()
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        if tokenizer.padding_side != "left":
+            # GRPOTrainer left-pads prompts; a right-padding processor would misalign `mm_token_type_ids` with them
+            # whenever prompts of one batch differ in length (TRL sets "left" only when it loads the processor).
+            logger.info("Setting the processor's padding_side to 'left', as GRPOTrainer's prompt layout requires.")
+            tokenizer.padding_side = "left"
         self.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
         self._perturbation_round = 0
         self._capture_policy_logps = False
@@ -111,6 +120,13 @@ class VPPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Generation: measure visual dependency, fold TGF and TAS into the advantages
     # ------------------------------------------------------------------------------------------------------------
+
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        if images is not None:
+            # TRL marks a text-only prompt's images None, which processors reject in a batch mixing text and images.
+            images = [prompt_images or [] for prompt_images in images]
+        return prompt_ids, images, multimodal_fields
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         output = super()._generate_and_score_completions(inputs)

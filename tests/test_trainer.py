@@ -1,0 +1,454 @@
+"""VPPOTrainer on tiny local Qwen-VL models: training, GRPO equivalence, TGF gradients, skip, LoRA, checkpoints."""
+
+import copy
+import random
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM, set_seed
+from trl import GRPOConfig, GRPOTrainer
+
+import vppo_trl.trainer as trainer_module
+from vppo_trl import VPPOConfig, VPPOTrainer
+from vppo_trl.testing import (
+    COLOUR_QUESTION,
+    COLOURS,
+    FAMILIES,
+    build_model,
+    build_processor,
+    build_tiny_vlm,
+    build_tokenizer,
+    make_colour_dataset,
+    make_shape_image,
+)
+
+# GRPO logs that depend on wall time, not on the training computation.
+TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+
+def length_reward(completions, **kwargs) -> list[float]:
+    """Varied, deterministic rewards so that advantages are non-zero."""
+    return [float(len(str(completion)) % 3) for completion in completions]
+
+
+def half_uniform_reward(completions, answer, **kwargs) -> list[float]:
+    """Uniform (zero-advantage) groups for red and green shapes, varied rewards for the others."""
+    return [1.0 if a in ("red", "green") else float(len(str(c)) % 3) for c, a in zip(completions, answer, strict=True)]
+
+
+def common_settings(tmp_path, **overrides) -> dict:
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=7,
+    )
+    settings.update(overrides)
+    return settings
+
+
+def vppo_args(tmp_path, **overrides) -> VPPOConfig:
+    return VPPOConfig(**common_settings(tmp_path, **overrides))
+
+
+def grpo_args(tmp_path, **overrides) -> GRPOConfig:
+    return GRPOConfig(**common_settings(tmp_path, **overrides))
+
+
+def make_trainer(tmp_path, family="qwen2_5_vl", reward=length_reward, dataset=None, **overrides) -> VPPOTrainer:
+    model, processor = build_tiny_vlm(family, extra_words=COLOURS)
+    return VPPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=vppo_args(tmp_path, **overrides),
+        train_dataset=dataset if dataset is not None else make_colour_dataset(32, seed=1),
+        processing_class=processor,
+    )
+
+
+def generation_batch(trainer: VPPOTrainer, dataset, prompts: int) -> dict:
+    """One GRPO generation batch (before VPPO), as `_generate_and_score_completions` builds it."""
+    inputs = [dict(dataset[i]) for i in range(prompts) for _ in range(trainer.num_generations)]
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return GRPOTrainer._generate_and_score_completions(trainer, inputs)
+
+
+def final_parameters(trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_each_family_and_logs_vppo_metrics(tmp_path, family):
+    trainer = make_trainer(tmp_path, family=family, skip_zero_advantage=False)
+    before = final_parameters(trainer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for name in (
+        "vppo/token_fraction",
+        "vppo/dependency_mean",
+        "vppo/dependency_selected_mean",
+        "vppo/dependency_rejected_mean",
+        "vppo/trajectory_dependency_mean",
+        "vppo/advantage_scale_min",
+        "vppo/advantage_scale_mean",
+        "vppo/advantage_scale_max",
+        "vppo/beta_max",
+        "vppo/skipped_fraction",
+    ):
+        assert name in logs[0], name
+    # ceil(0.4 n) of n <= 6 tokens: between 0.4 and 2/3 of the tokens are kept.
+    assert 0.4 <= logs[0]["vppo/token_fraction"] <= 2 / 3
+    assert logs[0]["vppo/dependency_selected_mean"] >= logs[0]["vppo/dependency_rejected_mean"]
+    assert logs[0]["vppo/advantage_scale_mean"] == pytest.approx(1.0, abs=1e-5)
+    after = final_parameters(trainer)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "visual" in n)  # the vision tower trains
+
+
+def test_equivalent_to_grpo_with_everything_off(tmp_path):
+    dataset = make_colour_dataset(32, seed=1)
+    settings = dict(token_filter_ratio=1.0, advantage_shaping=False, entropy_penalty_coef=0.0)
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=3)
+    grpo = GRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=length_reward,
+        args=grpo_args(tmp_path / "grpo"),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    vppo = VPPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=length_reward,
+        args=vppo_args(tmp_path / "vppo", **settings),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    for trainer in (grpo, vppo):
+        set_seed(7)  # same sampling draws for both runs
+        trainer.train()
+    for name, value in final_parameters(grpo).items():
+        torch.testing.assert_close(final_parameters(vppo)[name], value, rtol=0, atol=0, msg=name)
+    for grpo_log, vppo_log in zip(grpo.state.log_history, vppo.state.log_history, strict=True):
+        for key, value in grpo_log.items():
+            if key not in TIMING_KEYS:
+                assert vppo_log[key] == value, key
+        assert any(key.startswith("vppo/") for key in vppo_log) or "train_runtime" in vppo_log
+
+
+def test_loss_and_gradients_equal_grpo_on_the_same_batch(tmp_path):
+    dataset = make_colour_dataset(8, seed=2)
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=4)
+    grpo = GRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=length_reward,
+        args=grpo_args(tmp_path / "grpo"),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    vppo = VPPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=length_reward,
+        args=vppo_args(tmp_path / "vppo", token_filter_ratio=1.0, advantage_shaping=False),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    batch = generation_batch(grpo, dataset, prompts=2)
+    vppo_batch = copy.deepcopy(batch)
+    vppo.current_gradient_accumulation_steps = 1
+    vppo.model.train()
+    vppo._apply_visual_dependency(vppo_batch)
+    losses = []
+    for trainer, inputs in ((grpo, batch), (vppo, vppo_batch)):
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, inputs)
+        loss.backward()
+        losses.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        )
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=0, atol=0)
+    assert losses[0][1].keys() == losses[1][1].keys()
+    for name, grad in losses[0][1].items():
+        torch.testing.assert_close(losses[1][1][name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_gradient_flows_only_through_selected_tokens(tmp_path, monkeypatch):
+    dataset = make_colour_dataset(8, seed=2)
+    trainer = make_trainer(tmp_path, dataset=dataset, advantage_shaping=False, skip_zero_advantage=False)
+    recorded = {}
+    original_mask = trainer_module.top_dependency_mask
+
+    def recording_mask(dependency, mask, ratio):
+        recorded["dependency"], recorded["mask"] = dependency, mask
+        recorded["kept"] = original_mask(dependency, mask, ratio)
+        return recorded["kept"]
+
+    monkeypatch.setattr(trainer_module, "top_dependency_mask", recording_mask)
+    batch = generation_batch(trainer, dataset, prompts=2)
+    advantages = batch["advantages"].clone()
+    trainer._apply_visual_dependency(batch)
+
+    captured = {}
+    original_logps = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def capture(self, *args, **kwargs):
+        logps, entropies, aux = original_logps(self, *args, **kwargs)
+        if logps.requires_grad:
+            logps.retain_grad()
+            captured["logps"] = logps
+        return logps, entropies, aux
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", capture)
+    trainer._compute_loss(trainer.model, batch).backward()
+    token_grad = captured["logps"].grad
+    kept = recorded["kept"]
+    rows = advantages != 0
+    assert rows.any()
+    assert torch.equal(token_grad[rows] != 0, kept[rows])
+    assert (token_grad[~rows] == 0).all()
+    valid = recorded["mask"].sum(-1)
+    assert kept.sum(-1).tolist() == [-(-int(n) * 2 // 5) for n in valid]  # ceil(0.4 n), exactly
+    # The kept tokens are the most image-dependent ones of each completion.
+    dependency = recorded["dependency"]
+    for row in range(dependency.size(0)):
+        if kept[row].any() and (~kept[row] & recorded["mask"][row].bool()).any():
+            assert dependency[row][kept[row]].min() >= dependency[row][~kept[row] & recorded["mask"][row].bool()].max()
+
+
+def test_skip_zero_advantage_gives_identical_results(tmp_path):
+    dataset = make_colour_dataset(16, seed=5)
+    trainers = {
+        skip: make_trainer(tmp_path / str(skip), dataset=dataset, reward=half_uniform_reward, skip_zero_advantage=skip)
+        for skip in (True, False)
+    }
+    for trainer in trainers.values():  # identical weights
+        trainer.model.load_state_dict(trainers[True].model.state_dict())
+    batch = generation_batch(trainers[True], dataset, prompts=4)
+    assert (batch["advantages"] == 0).any() and (batch["advantages"] != 0).any()
+    results = {}
+    for skip, trainer in trainers.items():
+        inputs = copy.deepcopy(batch)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer._apply_visual_dependency(inputs)
+        results[skip] = (inputs["advantages"], trainer._compute_loss(trainer.model, inputs).detach())
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
+    assert trainers[True]._metrics["train"]["vppo/skipped_fraction"][-1] > 0
+    assert trainers[False]._metrics["train"]["vppo/skipped_fraction"][-1] == 0
+
+
+def test_same_seed_same_perturbations(tmp_path):
+    dataset = make_colour_dataset(8, seed=2)
+    first = make_trainer(tmp_path / "a", dataset=dataset, skip_zero_advantage=False)
+    second = make_trainer(tmp_path / "b", dataset=dataset, skip_zero_advantage=False)
+    batch = generation_batch(first, dataset, prompts=2)
+    outputs = []
+    for trainer in (first, second):
+        inputs = copy.deepcopy(batch)
+        trainer._apply_visual_dependency(inputs)
+        outputs.append(inputs["advantages"])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_one_perturbed_pass_per_generation_batch_reusing_old_logps(tmp_path, monkeypatch):
+    passes = []
+    original = VPPOTrainer._sampled_token_logps
+    monkeypatch.setattr(
+        VPPOTrainer, "_sampled_token_logps", lambda self, *a, **k: passes.append(1) or original(self, *a, **k)
+    )
+    trainer = make_trainer(
+        tmp_path,
+        num_iterations=2,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        skip_zero_advantage=False,
+    )
+    trainer.train()
+    # 2 optimiser steps x 2 micro-batches = 4 micro-steps = one generation batch reused twice: one perturbed pass,
+    # and TRL's old log-probs stand in for the original-image pass.
+    assert trainer.state.global_step == 2
+    assert len(passes) == 1
+
+
+def test_kl_estimator_trains_and_is_chunk_invariant(tmp_path, monkeypatch):
+    dataset = make_colour_dataset(8, seed=2)
+    trainer = make_trainer(
+        tmp_path, family="qwen3_vl", dataset=dataset, dependency_estimator="kl", skip_zero_advantage=False
+    )
+    batch = generation_batch(trainer, dataset, prompts=2)
+    mask = batch["completion_mask"]
+    rows = list(range(mask.size(0)))
+    perturbed = {**batch, "pixel_values": trainer._perturbed_pixel_values(batch)}
+    with torch.no_grad():
+        whole = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
+        monkeypatch.setattr(trainer_module, "KL_POSITIONS_PER_CHUNK", 2)
+        chunked = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
+    torch.testing.assert_close(chunked, whole)
+    assert (whole >= 0).all() and (whole[mask == 0] == 0).all() and (whole > 0).any()
+    trainer.train()
+    assert "vppo/dependency_mean" in trainer.state.log_history[0]
+
+
+def test_entropy_penalty_changes_loss_by_its_value(tmp_path):
+    dataset = make_colour_dataset(8, seed=2)
+    trainer = make_trainer(tmp_path, dataset=dataset, entropy_penalty_coef=0.5)
+    batch = generation_batch(trainer, dataset, prompts=2)
+    trainer._apply_visual_dependency(batch)
+    with_penalty = trainer._compute_loss(trainer.model, batch).detach()
+    trainer.args.entropy_penalty_coef = 0.0
+    without = trainer._compute_loss(trainer.model, batch).detach()
+    penalty = trainer._metrics["train"]["vppo/entropy_penalty"][-1]
+    assert penalty > 0
+    assert (with_penalty - without).item() == pytest.approx(0.5 * penalty, rel=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["k3", "kl"])
+def test_lora(tmp_path, estimator):
+    from peft import LoraConfig
+
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    trainer = VPPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=vppo_args(tmp_path, dependency_estimator=estimator, skip_zero_advantage=False),
+        train_dataset=make_colour_dataset(16, seed=1),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert "vppo/dependency_mean" in trainer.state.log_history[0]
+
+
+def test_save_reload_and_resume(tmp_path):
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1, max_steps=2)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").exists()
+    reloaded = AutoModelForImageTextToText.from_pretrained(checkpoint)
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], value, msg=name)
+    resumed = make_trainer(tmp_path, save_strategy="steps", save_steps=1, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    assert (tmp_path / "out" / "checkpoint-3").exists()
+
+
+def test_mixed_text_and_image_samples_several_images_and_sizes(tmp_path):
+    rng = random.Random(0)
+    tokenizer = build_tokenizer(COLOURS)
+    processor = build_processor("qwen2_5_vl", tokenizer, image_size=112)
+    model = build_model("qwen2_5_vl", tokenizer)
+
+    def image_prompt(count):
+        return [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": COLOUR_QUESTION}]}]
+
+    rows = []
+    for _ in range(3):
+        rows.append({"prompt": image_prompt(1), "images": [make_shape_image("red", rng, size=56)]})
+        rows.append(
+            {
+                "prompt": image_prompt(2),
+                "images": [make_shape_image("blue", rng, size=112), make_shape_image("green", rng, size=56)],
+            }
+        )
+        rows.append(
+            {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}], "images": []}
+        )
+    dataset = Dataset.from_list(rows)
+    trainer = VPPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=vppo_args(
+            tmp_path,
+            per_device_train_batch_size=6,
+            num_generations=2,
+            skip_zero_advantage=False,
+            shuffle_dataset=False,
+        ),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    batch = generation_batch(trainer, dataset, prompts=3)
+    assert batch["num_images"] == [1, 1, 2, 2, 0, 0]
+    assert len({tuple(g) for g in batch["image_grid_thw"].tolist()}) == 2  # two image sizes
+    advantages = batch["advantages"].clone()
+    trainer._apply_visual_dependency(batch)
+    text_only = slice(4, 6)
+    mask = batch["completion_mask"][text_only].bool()
+    # Text-only samples are plain GRPO samples: every token kept, scale 1.
+    torch.testing.assert_close(
+        batch["advantages"][text_only][mask], advantages[text_only].unsqueeze(-1).expand_as(mask)[mask]
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_config_rejects_bad_values():
+    cases = {
+        "token_filter_ratio": (0.0, "token_filter_ratio"),
+        "perturbation": ("pixelate", "perturbation"),
+        "dependency_estimator": ("exact", "dependency_estimator"),
+        "entropy_penalty_coef": (-0.1, "entropy_penalty_coef"),
+        "perturbation_prob": (1.5, "perturbation_prob"),
+        "perturbation_patch_size": (0, "perturbation_patch_size"),
+    }
+    for field, (value, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            VPPOConfig(output_dir="unused", **{field: value})
+    with pytest.raises(ValueError, match="advantage_scale_max"):
+        VPPOConfig(output_dir="unused", advantage_scale_min=0.9, advantage_scale_max=0.8)
+    with pytest.raises(ValueError, match="advantage_scale_min"):
+        VPPOConfig(output_dir="unused", advantage_scale_min=1.2)
+
+
+def test_rejects_a_model_without_vision_tower(tmp_path):
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    with pytest.raises(ValueError, match="vision tower"):
+        VPPOTrainer(
+            model=Qwen2ForCausalLM(config),
+            reward_funcs=length_reward,
+            args=vppo_args(tmp_path),
+            train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}] * 8),
+            processing_class=tokenizer,
+        )
+
+
+def test_rejects_grpo_config(tmp_path):
+    model, processor = build_tiny_vlm("qwen2_5_vl")
+    with pytest.raises(TypeError, match="VPPOConfig"):
+        VPPOTrainer(
+            model=model,
+            reward_funcs=length_reward,
+            args=grpo_args(tmp_path),
+            processing_class=processor,
+            train_dataset=make_colour_dataset(8),
+        )
+
+
+def test_warns_once_for_data_without_images(tmp_path):
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": "Name a colour."}]}] * 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp_path, dataset=dataset)
+        trainer.train()
+    messages = [str(w.message) for w in caught if "no images" in str(w.message)]
+    assert len(messages) == 1
+    assert trainer.state.global_step == 2
