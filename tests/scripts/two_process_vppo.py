@@ -1,0 +1,61 @@
+"""Run by `accelerate launch` in the two-process tests: trains VPPO for two steps and records each rank's TAS view."""
+
+import json
+import sys
+
+import vppo_trl.trainer as trainer_module
+from vppo_trl import VPPOConfig, VPPOTrainer
+from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
+
+
+def half_uniform_reward(completions, answer, **kwargs) -> list[float]:
+    """Uniform groups for red and green shapes (skipped), varied rewards for the others."""
+    return [1.0 if a in ("red", "green") else float(len(str(c)) % 3) for c, a in zip(completions, answer, strict=True)]
+
+
+def main(output_path: str) -> None:
+    records = []
+    original_scales = trainer_module.advantage_scales
+
+    def recording_scales(dependency, valid, beta_min=0.9, beta_max=None):
+        scales = original_scales(dependency, valid, beta_min, beta_max)
+        records.append({"dependency": dependency.tolist(), "valid": valid.tolist(), "scales": scales.tolist()})
+        return scales
+
+    trainer_module.advantage_scales = recording_scales
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    args = VPPOConfig(
+        output_dir=output_path + ".out",
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=5,
+        max_steps=2,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        logging_steps=1,
+        seed=11,
+    )
+    trainer = VPPOTrainer(
+        model=model,
+        reward_funcs=half_uniform_reward,
+        args=args,
+        train_dataset=make_colour_dataset(32, seed=3),
+        processing_class=processor,
+    )
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    result = {
+        "rank": rank,
+        "world_size": trainer.accelerator.num_processes,
+        "global_step": trainer.state.global_step,
+        "tas": records,
+        "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+    }
+    with open(f"{output_path}.rank{rank}.json", "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,72 @@
+"""Two processes on CPU, with DDP and with DeepSpeed ZeRO-3: runs complete and every rank sees the same TAS batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "two_process_vppo.py"
+
+ZERO3_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+  offload_optimizer_device: none
+  offload_param_device: none
+  zero3_init_flag: false
+  zero3_save_16bit_model: true
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: true
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(tmp_path: Path, *launch_args: str) -> list[dict]:
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *launch_args,
+        "--num_processes", "2", "--main_process_port", str(free_port()), str(SCRIPT), str(output),
+    ]  # fmt: skip
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "vppo-trl-torch-extensions")}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    return [json.loads((tmp_path / f"run.rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def check_ranks_agree(results: list[dict]) -> None:
+    assert [r["rank"] for r in results] == [0, 1] and all(r["world_size"] == 2 for r in results)
+    assert all(r["global_step"] == 2 for r in results)
+    first, second = results
+    assert len(first["tas"]) == len(second["tas"]) == 2
+    for view_0, view_1 in zip(first["tas"], second["tas"], strict=True):
+        assert len(view_0["scales"]) == 16  # the whole generation batch, both processes
+        assert view_0 == view_1
+    assert any(scale != 1.0 for view in first["tas"] for scale in view["scales"])
+    for log_0, log_1 in zip(first["logs"], second["logs"], strict=True):
+        for key in ("vppo/advantage_scale_max", "vppo/beta_max", "vppo/token_fraction", "reward"):
+            assert log_0[key] == log_1[key], key
+
+
+@pytest.mark.slow
+def test_two_processes_ddp(tmp_path):
+    check_ranks_agree(launch(tmp_path, "--multi_gpu"))
+
+
+@pytest.mark.slow
+def test_two_processes_zero3_with_uneven_skips(tmp_path):
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "zero3.yaml"
+    config.write_text(ZERO3_CONFIG)
+    check_ranks_agree(launch(tmp_path, "--config_file", str(config)))
