@@ -23,6 +23,7 @@ from .core import (
     top_dependency_mask,
     trajectory_dependency,
 )
+from .dynamic_sampling import DynamicSamplingMixin
 from .perturbations import PixelLayout, perturb_pixel_values
 
 logger = logging.get_logger(__name__)
@@ -35,7 +36,7 @@ UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
 KL_POSITIONS_PER_CHUNK = 512
 
 
-class VPPOTrainer(GRPOTrainer):
+class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
     """
     Trainer for Visually-Perceptive Policy Optimization (VPPO).
 
@@ -242,6 +243,8 @@ class VPPOTrainer(GRPOTrainer):
 
     def _select_rows(self, batch: dict[str, Any], rows: Sequence[int]) -> dict:
         """Model inputs for the completions `rows` of a generation batch (prompt + completion)."""
+        if list(rows) == list(range(batch["prompt_ids"].size(0))):
+            return self._all_rows(batch)  # nothing skipped: no copies
         index = torch.tensor(rows, device=batch["prompt_ids"].device, dtype=torch.long)
         inputs = {
             "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)[index],
@@ -272,6 +275,16 @@ class VPPOTrainer(GRPOTrainer):
         for key in PER_SAMPLE_KEYS:
             if key in batch:
                 inputs[key] = batch[key][index]
+        return inputs
+
+    @staticmethod
+    def _all_rows(batch: dict[str, Any]) -> dict:
+        inputs = {
+            "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+        }
+        keys = ("pixel_values", "image_grid_thw", "image_sizes", "num_images", *PER_SAMPLE_KEYS)
+        inputs.update({key: batch[key] for key in keys if batch.get(key) is not None})
         return inputs
 
     def _sampled_token_logps(self, inputs: dict, logits_to_keep: int) -> torch.Tensor:
