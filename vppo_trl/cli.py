@@ -1,0 +1,37 @@
+"""The `vppo-trl` command: `vppo-trl train --config <recipe>.yaml [overrides...]` and `vppo-trl demo [...]`."""
+
+import argparse
+import sys
+
+COMMANDS = {
+    "train": "Train with VPPO from a YAML recipe (`--config recipes/<recipe>.yaml`); flags override the recipe.",
+    "demo": "Run the CPU demo: a tiny vision-language model learns a visual task with VPPO.",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch to a subcommand, which parses the rest of the command line itself."""
+    parser = argparse.ArgumentParser(
+        prog="vppo-trl",
+        description="VPPO (Visually-Perceptive Policy Optimization) for vision-language models on TRL.",
+        epilog="Run `vppo-trl <command> --help` for the options of a command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, help_text in COMMANDS.items():
+        # No help of their own: `vppo-trl train --help` must reach the training script's parser.
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+
+    # Each subcommand's module is imported only when it runs.
+    if args.command == "train":
+        from .train import main as train_main
+
+        train_main(rest, prog="vppo-trl train")
+    else:
+        from .demo import main as demo_main
+
+        demo_main(rest)
+
+
+if __name__ == "__main__":
+    main()

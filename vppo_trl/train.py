@@ -1,0 +1,268 @@
+"""
+Train a vision-language model with VPPO from a YAML recipe, the way TRL's own training scripts work.
+
+```bash
+# One process (CPU or one GPU)
+python -m vppo_trl.train --config recipes/qwen2_5_vl_3b_lora_single_gpu.yaml
+
+# 8 GPUs with DeepSpeed ZeRO-3; any field of the recipe can be overridden on the command line
+accelerate launch --config_file recipes/accelerate/zero3.yaml -m vppo_trl.train \
+    --config recipes/qwen2_5_vl_7b_paper.yaml --output_dir runs/vppo-7b --learning_rate 2e-6
+```
+
+The recipe's keys are the fields of [`VPPOScriptArguments`], [`VPPOConfig`] and [`~trl.ModelConfig`].
+"""
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import transformers
+from packaging.version import Version
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from .config import VPPOConfig
+from .data import ON_BAD_ROW_CHOICES, DataReport, load_vppo_dataset
+from .rewards import REWARD_FUNCTIONS, get_reward_functions
+from .trainer import VPPOTrainer
+
+# Prefixes that make a model or dataset name a local path rather than a Hub id.
+LOCAL_PATH_PREFIXES = (".", "/", "~")
+
+
+@dataclass
+class VPPOScriptArguments:
+    """
+    Data and reward arguments of the VPPO training script.
+
+    Args:
+        dataset_name (`str`):
+            Training data: a Hub dataset id (e.g. `TIGER-Lab/ViRL39K`), a local `.parquet`/`.jsonl`/`.json` file, or a
+            local folder of such files (see [`~vppo_trl.data.load_vppo_dataset`]).
+        dataset_train_split (`str`, *optional*, defaults to `"train"`):
+            Split of `dataset_name` to train on.
+        eval_dataset_name (`str`, *optional*):
+            Validation data, in any form `dataset_name` accepts (e.g. `FanqingM/MMK12`). Loaded only when
+            `eval_strategy` is not `"no"`.
+        eval_dataset_split (`str`, *optional*, defaults to `"test"`):
+            Split of `eval_dataset_name` to evaluate on.
+        reward_funcs (`list[str]`, *optional*, defaults to `["accuracy"]`):
+            Reward functions: names from `vppo_trl.rewards.REWARD_FUNCTIONS` (`accuracy`, `format`) or dotted import
+            paths such as `my_rewards.length_reward`. Weight them with `reward_weights`.
+        problem_column (`str`, *optional*, defaults to `"problem"`):
+            Column holding the question (`question` in ViRL39K and MMK12).
+        answer_column (`str`, *optional*, defaults to `"answer"`):
+            Column holding the ground-truth answer.
+        images_column (`str`, *optional*, defaults to `"images"`):
+            Column holding the images (a list per row); a single-image `image` column is used when it is missing.
+        image_root (`str`, *optional*):
+            Folder that relative image paths start from (for ViRL39K, where its `images.zip` was extracted).
+        on_bad_row (`str`, *optional*, defaults to `"raise"`):
+            What to do with an invalid row (missing answer, unreadable image...): `"raise"` or `"skip"`.
+        max_train_rows (`int`, *optional*):
+            Train on the first `max_train_rows` rows only.
+        max_eval_rows (`int`, *optional*):
+            Evaluate on the first `max_eval_rows` rows only.
+        dataset_num_proc (`int`, *optional*):
+            Processes used to validate the rows of each dataset.
+    """
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a Hub dataset id, or a local .parquet/.jsonl/.json file or folder."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of dataset_name to train on."})
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Validation data (Hub id or local path); loaded only when eval_strategy is not 'no'."},
+    )
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name to evaluate on."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={
+            "help": f"Reward functions: names from {sorted(REWARD_FUNCTIONS)} or dotted import paths "
+            "(e.g. 'my_rewards.length_reward'). Weight them with reward_weights."
+        },
+    )
+    problem_column: str = field(default="problem", metadata={"help": "Column holding the question."})
+    answer_column: str = field(default="answer", metadata={"help": "Column holding the ground-truth answer."})
+    images_column: str = field(
+        default="images",
+        metadata={"help": "Column holding each row's list of images (falls back to a single-image 'image' column)."},
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
+    on_bad_row: str = field(
+        default="raise",
+        metadata={"help": "What to do with an invalid row: 'raise' or 'skip'.", "choices": list(ON_BAD_ROW_CHOICES)},
+    )
+    max_train_rows: int | None = field(default=None, metadata={"help": "Train on the first max_train_rows rows."})
+    max_eval_rows: int | None = field(default=None, metadata={"help": "Evaluate on the first max_eval_rows rows."})
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes used to validate the rows of each dataset."}
+    )
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    """The parser of the training script: the recipe's keys and the command-line flags share the same names."""
+    return TrlParser(
+        (VPPOScriptArguments, VPPOConfig, ModelConfig),
+        prog=prog,
+        description="Train a vision-language model with VPPO. Pass a recipe with --config <recipe>.yaml; any flag "
+        "below overrides the recipe's value.",
+    )
+
+
+def resolve_reward_functions(names: list[str]) -> list[Callable[..., list[float]]]:
+    """Reward functions from registry names or dotted import paths (resolved from the current folder, as in TRL)."""
+    functions = []
+    for name in names:
+        if "." not in name:
+            functions.extend(get_reward_functions([name]))
+            continue
+        module_name, _, attribute = name.rpartition(".")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            functions.append(getattr(importlib.import_module(module_name), attribute))
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"Cannot load reward function {name!r}: {error}") from error
+    return functions
+
+
+def _check_local(name: str, what: str) -> None:
+    if name.startswith(LOCAL_PATH_PREFIXES) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"{what} {name!r} does not exist. For recipes/cpu_demo.yaml, its header shows how to create its model "
+            "and data."
+        )
+
+
+def check_args(script_args: VPPOScriptArguments, training_args: VPPOConfig, model_args: ModelConfig) -> None:
+    """Fail before any model or data is loaded when the arguments cannot work."""
+    if model_args.model_name_or_path is None:
+        raise ValueError("model_name_or_path is required (a Hub model id or a local folder).")
+    _check_local(model_args.model_name_or_path, "Model folder")
+    if script_args.dataset_name is None:
+        raise ValueError("dataset_name is required (a Hub dataset id or a local file or folder).")
+    _check_local(script_args.dataset_name, "Dataset")
+    if training_args.eval_strategy != "no":
+        if script_args.eval_dataset_name is None:
+            raise ValueError(f"eval_strategy={training_args.eval_strategy.value!r} needs an eval_dataset_name.")
+        _check_local(script_args.eval_dataset_name, "Eval dataset")
+    reward_funcs = resolve_reward_functions(script_args.reward_funcs)
+    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
+        raise ValueError(
+            f"reward_weights has {len(training_args.reward_weights)} values but there are {len(reward_funcs)} "
+            f"reward functions ({script_args.reward_funcs})."
+        )
+
+
+def parse_args(
+    argv: list[str] | None = None, prog: str | None = None
+) -> tuple[VPPOScriptArguments, VPPOConfig, ModelConfig]:
+    """Parse the recipe and the overrides; a wrong value ends the program with a one-line error, not a traceback."""
+    parser = make_parser(prog)
+    try:
+        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+        check_args(script_args, training_args, model_args)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return script_args, training_args, model_args
+
+
+def _load(script_args: VPPOScriptArguments, source: str, split: str, max_rows: int | None):
+    return load_vppo_dataset(
+        source,
+        split,
+        on_bad_row=script_args.on_bad_row,
+        image_root=script_args.image_root,
+        max_rows=max_rows,
+        problem_column=script_args.problem_column,
+        answer_column=script_args.answer_column,
+        images_column=script_args.images_column,
+        num_proc=script_args.dataset_num_proc,
+    )
+
+
+def _report_data(trainer: VPPOTrainer, reports: dict[str, DataReport]) -> None:
+    """Print what the data loader kept and skipped, and add it to the first logged metrics (console, W&B, Trackio)."""
+    for name, report in reports.items():
+        trainer.accelerator.print(
+            f"📚 {name.capitalize()} data: {report.kept_rows} of {report.total_rows} rows kept, "
+            f"{report.skipped_rows} skipped."
+        )
+        # GRPOTrainer averages and logs these buffers at the first logging step, next to its own metrics.
+        metrics = trainer._metrics["train"]
+        metrics[f"data/{name}_rows"].append(float(report.total_rows))
+        metrics[f"data/{name}_rows_skipped"].append(float(report.skipped_rows))
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> VPPOTrainer:
+    """
+    Run the training script: parse `argv` (`sys.argv[1:]` when `None`), train, save, and push to the Hub when
+    `push_to_hub` is set. Returns the trainer, for in-process use (tests, notebooks).
+    """
+    script_args, training_args, model_args = parse_args(argv, prog)
+    reward_funcs = resolve_reward_functions(script_args.reward_funcs)
+
+    # Same model loading as TRL's scripts: the trainer instantiates the model from its id with these arguments.
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    train_dataset, train_report = _load(
+        script_args, script_args.dataset_name, script_args.dataset_train_split, script_args.max_train_rows
+    )
+    reports = {"train": train_report}
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset, reports["eval"] = _load(
+            script_args, script_args.eval_dataset_name, script_args.eval_dataset_split, script_args.max_eval_rows
+        )
+
+    trainer = VPPOTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    _report_data(trainer, reports)
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("✅ Training completed.")
+
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"💾 Model saved to {training_args.output_dir}.")
+
+    # A local path would make the card link to a Hub dataset that does not exist.
+    dataset_name = script_args.dataset_name
+    if dataset_name.startswith(LOCAL_PATH_PREFIXES) or Path(dataset_name).exists():
+        dataset_name = None
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+        trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+    else:
+        # Without a push the card is written locally, with the same name push_to_hub would give it.
+        model_name = Path(training_args.hub_model_id or training_args.output_dir).name
+        trainer.create_model_card(model_name=model_name, dataset_name=dataset_name)
+
+    # Finish the trackers and destroy the process group
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
