@@ -61,3 +61,26 @@ def test_errors():
         token_perception(model, processor, "hi", [], completion="x")
     with pytest.raises(ValueError, match="estimator"):
         token_perception(model, processor, "hi", [Image.new("RGB", (56, 56))], completion="x", estimator="exact")
+
+
+def test_command_line(tmp_path, capsys):
+    from vppo_trl.cli import main
+
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    make_shape_image("red", random.Random(2)).save(tmp_path / "shape.png")
+    main(
+        [
+            "spotlight", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "shape.png"),
+            "--prompt", COLOUR_QUESTION, "--completion", "It is red.", "--device", "cpu",
+            "--output-dir", str(tmp_path / "spot"), "--draws", "2",
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "Most image-dependent tokens" in printed
+    for name in ("perception.png", "perception.html", "perception.json"):
+        assert (tmp_path / "spot" / name).stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["spotlight", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "missing.png"),
+              "--prompt", "x"])  # fmt: skip

@@ -1,10 +1,19 @@
 """VPPO (Visually-Perceptive Policy Optimization) on Hugging Face TRL."""
 
-from .config import VPPOConfig
-from .core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
-from .trainer import VPPOTrainer
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# Imported on first use, so that `vppo-trl --help` and the pure functions do not pay for importing TRL.
+_EXPORTS = {
+    "VPPOConfig": ".config",
+    "VPPOTrainer": ".trainer",
+    "advantage_scales": ".core",
+    "token_dependency": ".core",
+    "top_dependency_mask": ".core",
+    "trajectory_dependency": ".core",
+}
 
 __all__ = [
     "VPPOConfig",
@@ -14,3 +23,14 @@ __all__ = [
     "top_dependency_mask",
     "trajectory_dependency",
 ]
+
+if TYPE_CHECKING:
+    from .config import VPPOConfig
+    from .core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
+    from .trainer import VPPOTrainer
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""The `vppo-trl` command: `vppo-trl train --config <recipe>.yaml [overrides...]` and `vppo-trl demo [...]`."""
+"""The `vppo-trl` command: `vppo-trl train --config <recipe>.yaml [overrides...]`, `vppo-trl demo [...]` and
+`vppo-trl spotlight --model ... --image ... --prompt ...`."""
 
 import argparse
 import sys
@@ -6,6 +7,7 @@ import sys
 COMMANDS = {
     "train": "Train with VPPO from a YAML recipe (`--config recipes/<recipe>.yaml`); flags override the recipe.",
     "demo": "Run the CPU demo: a tiny vision-language model learns a visual task with VPPO.",
+    "spotlight": "Show which tokens of a model's answer depend on the image (chart, HTML, JSON).",
 }
 
 
@@ -27,10 +29,14 @@ def main(argv: list[str] | None = None) -> None:
         from .train import main as train_main
 
         train_main(rest, prog="vppo-trl train")
-    else:
+    elif args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(rest)
+    else:
+        from .spotlight import main as spotlight_main
+
+        spotlight_main(rest)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,60 @@ def perception_html(perception: TokenPerception) -> str:
             style += " border-bottom: 2px solid #c05000;"
         spans.append(f'<span title="{value:.4g}" style="{style}">{html.escape(token)}</span>')
     return '<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.8">' + "".join(spans) + "</div>"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`vppo-trl spotlight`: write a bar chart, an HTML page and a JSON file of one completion's token perception."""
+    import argparse
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .config import PERTURBATIONS
+
+    parser = argparse.ArgumentParser(prog="vppo-trl spotlight", description=main.__doc__)
+    parser.add_argument("--model", required=True, help="Model id or folder (a VPPO checkpoint, a base model...).")
+    parser.add_argument("--image", action="append", required=True, help="Image file; repeat for several images.")
+    parser.add_argument("--prompt", required=True, help="The question asked about the image(s).")
+    parser.add_argument("--completion", help="Answer to score; by default the model answers greedily.")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--perturbation", choices=PERTURBATIONS, default="patch_blackening")
+    parser.add_argument("--estimator", choices=("k3", "kl"), default="k3")
+    parser.add_argument("--token-filter-ratio", type=float, default=0.4)
+    parser.add_argument("--draws", type=int, default=4, help="Perturbation draws averaged.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output-dir", default="spotlight")
+    args = parser.parse_args(argv)
+
+    images = []
+    for path in args.image:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError as error:
+            parser.error(f"cannot read image {path!r}: {error}")
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").to(args.device).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    perception = token_perception(
+        model,
+        processor,
+        args.prompt,
+        images,
+        completion=args.completion,
+        perturbation=args.perturbation,
+        estimator=args.estimator,
+        token_filter_ratio=args.token_filter_ratio,
+        draws=args.draws,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+    )
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    plot_token_perception(perception, str(output / "perception.png"))
+    (output / "perception.html").write_text(perception_html(perception), encoding="utf-8")
+    (output / "perception.json").write_text(perception.to_json(), encoding="utf-8")
+    print(f"Completion: {perception.completion!r}")
+    print(f"Mean visual dependency: {perception.trajectory_dependency:.4g}")
+    ranked = sorted(zip(perception.dependency, perception.tokens, strict=True), reverse=True)[:10]
+    print("Most image-dependent tokens: " + ", ".join(f"{token!r} {value:.3g}" for value, token in ranked))
+    print(f"Wrote {output / 'perception.png'}, {output / 'perception.html'} and {output / 'perception.json'}")
