@@ -334,6 +334,8 @@ def test_save_reload_and_resume(tmp_path):
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").exists()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## VPPO" in card and "2510.09285" in card and "patch_blackening" in card
     reloaded = AutoModelForImageTextToText.from_pretrained(checkpoint)
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], value, msg=name)

@@ -6,6 +6,7 @@ from trl import GRPOConfig
 
 PERTURBATIONS = ("patch_blackening", "gaussian_noise", "gaussian_blur", "solid")
 DEPENDENCY_ESTIMATORS = ("k3", "kl")
+ON_EXHAUSTED = ("continue", "raise")
 
 
 @dataclass
@@ -53,6 +54,25 @@ class VPPOConfig(GRPOConfig):
         skip_zero_advantage (`bool`, *optional*, defaults to `True`):
             Whether to skip the perturbed forward pass for completions whose advantage is exactly 0: their loss cannot
             change. Results are identical either way.
+        dynamic_sampling (`bool`, *optional*, defaults to `False`):
+            DAPO's dynamic sampling, the paper's base algorithm: prompt groups whose rewards carry no learning signal
+            are dropped and more prompts, the next ones of the training data, are generated until every process holds
+            a full generation batch of informative groups. An epoch then ends once every prompt was generated on, after
+            fewer optimizer steps than without it.
+        dynamic_sampling_reward (`str`, *optional*, defaults to `"accuracy_reward"`):
+            Reward the groups are filtered on: the name of one of the trainer's reward functions (as in the
+            `rewards/<name>/mean` logs), or `"total"` for the weighted sum of all rewards.
+        dynamic_sampling_min (`float`, *optional*, defaults to `0.01`):
+            A group is kept when its rewards are not all equal and `dynamic_sampling_min < mean <
+            dynamic_sampling_max` (official code: mean accuracy strictly between 0.01 and 0.99).
+        dynamic_sampling_max (`float`, *optional*, defaults to `0.99`):
+            Upper bound of the open interval above.
+        dynamic_sampling_max_rounds (`int`, *optional*, defaults to `5`):
+            Most generation rounds added to fill one generation batch.
+        dynamic_sampling_on_exhausted (`str`, *optional*, defaults to `"continue"`):
+            What to do when `dynamic_sampling_max_rounds` extra rounds did not fill the batch: `"continue"` tops it up
+            with uninformative groups (zero advantage) and logs `dynamic_sampling/batch_fill`; `"raise"` stops training
+            with a `RuntimeError`. When the data runs out (end of an epoch), training always continues.
     """
 
     perturbation: str = field(
@@ -98,6 +118,31 @@ class VPPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Skip the perturbed pass for completions whose advantage is exactly 0 (same results)."},
     )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "Drop prompt groups without learning signal and generate more prompts to fill the batch."},
+    )
+    dynamic_sampling_reward: str = field(
+        default="accuracy_reward",
+        metadata={"help": "Reward function name the groups are filtered on, or 'total' for the weighted sum."},
+    )
+    dynamic_sampling_min: float = field(
+        default=0.01, metadata={"help": "Groups whose mean reward is <= this are dropped (dynamic sampling)."}
+    )
+    dynamic_sampling_max: float = field(
+        default=0.99, metadata={"help": "Groups whose mean reward is >= this are dropped (dynamic sampling)."}
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=5, metadata={"help": "Most extra generation rounds to fill one generation batch (dynamic sampling)."}
+    )
+    dynamic_sampling_on_exhausted: str = field(
+        default="continue",
+        metadata={
+            "help": "When the extra rounds did not fill the batch: 'continue' (top up with uninformative groups) or "
+            "'raise'.",
+            "choices": list(ON_EXHAUSTED),
+        },
+    )
 
     def __post_init__(self):
         # VPPO's own fields first, so that their errors are not hidden behind the hardware checks of the parent.
@@ -132,4 +177,38 @@ class VPPOConfig(GRPOConfig):
             )
         if self.entropy_penalty_coef < 0:
             raise ValueError(f"entropy_penalty_coef={self.entropy_penalty_coef} must be >= 0.")
+        if self.dynamic_sampling_on_exhausted not in ON_EXHAUSTED:
+            raise ValueError(
+                f"dynamic_sampling_on_exhausted={self.dynamic_sampling_on_exhausted!r} is not supported; "
+                f"choose one of {ON_EXHAUSTED}."
+            )
+        if self.dynamic_sampling_max_rounds < 0:
+            raise ValueError(f"dynamic_sampling_max_rounds={self.dynamic_sampling_max_rounds} must be >= 0.")
+        if not self.dynamic_sampling_min < self.dynamic_sampling_max:
+            raise ValueError(
+                f"dynamic_sampling_min={self.dynamic_sampling_min} must be < "
+                f"dynamic_sampling_max={self.dynamic_sampling_max}."
+            )
+        if not self.dynamic_sampling_reward:
+            raise ValueError("dynamic_sampling_reward must name a reward function, or be 'total'.")
         super().__post_init__()
+        # The generation batch layout is only known once the parent has resolved steps_per_generation.
+        local_batch = self.per_device_train_batch_size * self.steps_per_generation
+        if self.dynamic_sampling and local_batch % self.num_generations != 0:
+            # Groups must not straddle processes: each process keeps or drops its own groups.
+            raise ValueError(
+                "dynamic_sampling needs each process's generation batch, per_device_train_batch_size "
+                f"({self.per_device_train_batch_size}) x steps_per_generation ({self.steps_per_generation}) = "
+                f"{local_batch}, to be a multiple of num_generations ({self.num_generations}). Change "
+                "per_device_train_batch_size, steps_per_generation (or generation_batch_size) or num_generations."
+            )
+        steps_per_batch = self.steps_per_generation * self.num_iterations
+        if self.dynamic_sampling and steps_per_batch % self.gradient_accumulation_steps != 0:
+            # An epoch now ends after a data-dependent number of generation batches; it must end on an optimizer step.
+            raise ValueError(
+                f"dynamic_sampling needs steps_per_generation ({self.steps_per_generation}) x num_iterations "
+                f"({self.num_iterations}) = {steps_per_batch} to be a multiple of gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}), so that every optimizer step trains on whole generation "
+                "batches. Leave steps_per_generation and generation_batch_size unset (steps_per_generation then "
+                "equals gradient_accumulation_steps) or make it a multiple of gradient_accumulation_steps."
+            )

@@ -1,5 +1,6 @@
 """VPPOTrainer: GRPO whose policy gradient is focused on the tokens and trajectories that depend on the image."""
 
+import os
 import textwrap
 import warnings
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from .core import (
     trajectory_dependency,
 )
 from .dynamic_sampling import DynamicSamplingMixin
+from .model_card import append_vppo_section
 from .perturbations import PixelLayout, perturb_pixel_values
 
 logger = logging.get_logger(__name__)
@@ -402,6 +404,12 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         metrics["vppo/advantage_scale_mean"].append(scale_mean)
         metrics["vppo/advantage_scale_max"].append(scale_max)
         metrics["vppo/beta_max"].append(scale_max)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card (base model, dataset, trainer, citations), plus a section with the run's VPPO settings."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            append_vppo_section(os.path.join(self.args.output_dir, "README.md"), self.args)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss: GRPO's, plus the entropy penalty on the current policy's log-probs

@@ -1,0 +1,302 @@
+"""Dynamic sampling (DAPO), the base algorithm of the VPPO paper, on TRL's GRPOTrainer.
+
+A prompt group whose rewards are all equal (all answers right, or all wrong) has zero advantage everywhere: it adds no
+policy gradient but still takes its share of the batch and of the loss normaliser. Dynamic sampling drops such groups
+and generates on the next prompts of the training data until the batch is full of informative groups.
+"""
+
+import math
+import sys
+from collections import deque
+from collections.abc import Iterator
+from contextlib import suppress
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import has_length
+from transformers.utils import logging
+from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+
+logger = logging.get_logger(__name__)
+
+# Tensors of a GRPO generation batch aligned with the prompt (left-padded) or the completion (right-padded), with
+# the value TRL pads them with (None: the tokenizer's pad token).
+PROMPT_KEYS = {"prompt_ids": None, "prompt_mask": 0}
+COMPLETION_KEYS = {
+    "completion_ids": None,
+    "completion_mask": 0,
+    "old_per_token_logps": 0.0,
+    "ref_per_token_logps": 0.0,
+    "sampling_per_token_logps": 0.0,
+    "importance_sampling_ratio": 1.0,
+    "tool_mask": 1,
+}
+# Token type ids span prompt and completion, both padded with 0.
+PROMPT_COMPLETION_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+
+class PromptStream:
+    """The Trainer's epoch iterator, from which dynamic sampling also draws the next generation batches.
+
+    TRL's sampler yields each generation batch `block` times in a row (`steps_per_generation * num_iterations` training
+    steps): the first copy is generated on, the others only pace the training steps. Drawing a batch takes its whole
+    block out of the stream, so the Trainer, which iterates this stream, ends the epoch once every prompt was used.
+    """
+
+    def __init__(self, source: Iterator, block: int, epoch: int):
+        self.source = source
+        self.block = block
+        self.epoch = epoch
+        self.consumed = 0  # items taken from `source`, by the Trainer or by `draw`
+        self._pending: deque = deque()  # copies of the current batch that the Trainer has not taken yet
+
+    def __iter__(self) -> "PromptStream":
+        return self
+
+    def __next__(self) -> Any:
+        return self._pending.popleft() if self._pending else self._pull()
+
+    def _pull(self) -> Any:
+        item = next(self.source)
+        self.consumed += 1
+        return item
+
+    def draw(self) -> Any | None:
+        """The next generation batch of the data, or `None` when the epoch has no more."""
+        try:
+            while self.consumed % self.block:
+                self._pending.append(self._pull())
+            batch = self._pull()
+        except StopIteration:
+            return None
+        with suppress(StopIteration):
+            for _ in range(self.block - 1):
+                self._pull()
+        return batch
+
+
+class _EpochProgressCallback(TrainerCallback):
+    """Reports `state.epoch` from the data consumed: with dynamic sampling an epoch takes fewer optimizer steps."""
+
+    def __init__(self, trainer: "DynamicSamplingMixin"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, train_dataloader=None, **kwargs):
+        stream = self.trainer._prompt_stream
+        if stream is not None and has_length(train_dataloader):
+            state.epoch = stream.epoch + stream.consumed / len(train_dataloader)
+
+
+def select_rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The `rows` of a generation batch whose image tensors were split per sample (`split_pixel_values_by_grid`)."""
+    selected = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.ndim == 0:
+            continue  # batch-level scalar (`num_items_in_batch`), recomputed for the final batch
+        if isinstance(value, torch.Tensor):
+            selected[key] = value[torch.tensor(rows, dtype=torch.long, device=value.device)]
+        else:
+            selected[key] = [value[row] for row in rows]
+    return selected
+
+
+def _pad_width(tensor: torch.Tensor, width: int, value: float, side: str) -> torch.Tensor:
+    missing = width - tensor.size(1)
+    if missing == 0:
+        return tensor
+    filler = tensor.new_full((tensor.size(0), missing, *tensor.shape[2:]), value)
+    return torch.cat([filler, tensor] if side == "left" else [tensor, filler], dim=1)
+
+
+def concatenate_rows(pieces: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Stack row selections of several generation rounds, re-padding prompts (on the left) and completions."""
+    keys = pieces[0].keys()
+    if any(piece.keys() != keys for piece in pieces):
+        raise ValueError(
+            f"Dynamic sampling cannot merge generation rounds with different fields: "
+            f"{sorted({key for piece in pieces for key in piece})}."
+        )
+    prompt_width = max(piece["prompt_ids"].size(1) for piece in pieces)
+    completion_width = max(piece["completion_ids"].size(1) for piece in pieces)
+    merged = {}
+    for key in keys:
+        values = [piece[key] for piece in pieces]
+        if key in PROMPT_KEYS:
+            value = pad_token_id if PROMPT_KEYS[key] is None else PROMPT_KEYS[key]
+            values = [_pad_width(v, prompt_width, value, "left") for v in values]
+        elif key in COMPLETION_KEYS:
+            value = pad_token_id if COMPLETION_KEYS[key] is None else COMPLETION_KEYS[key]
+            width = max(v.size(1) for v in values)  # sequence-level importance ratios are [B, 1]
+            values = [_pad_width(v, width, value, "right") for v in values]
+        elif key in PROMPT_COMPLETION_KEYS:
+            values = [
+                torch.cat(
+                    [
+                        _pad_width(v[:, : piece["prompt_ids"].size(1)], prompt_width, 0, "left"),
+                        _pad_width(v[:, piece["prompt_ids"].size(1) :], completion_width, 0, "right"),
+                    ],
+                    dim=1,
+                )
+                for v, piece in zip(values, pieces, strict=True)
+            ]
+        merged[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else [x for v in values for x in v]
+    return merged
+
+
+class DynamicSamplingMixin:
+    """
+    Dynamic sampling for [`~trl.GRPOTrainer`] subclasses, on with `dynamic_sampling=True` in the config.
+
+    Each process generates on its local generation batch as usual, then keeps the prompt groups whose filter reward
+    (`dynamic_sampling_reward`) is not uniform and has a mean strictly between `dynamic_sampling_min` and
+    `dynamic_sampling_max`. While any process lacks groups, every process generates on its next generation batch of the
+    training data (one round), so all processes run the same generation rounds and collectives. Whole groups are kept,
+    so their advantages stay those computed in their own round (with `scale_rewards="batch"`, normalised over that
+    round's batch). The batch handed on has the structure and size of GRPO's.
+
+    Logged per generation batch: `dynamic_sampling/rounds` (generation rounds, 1 when nothing was dropped),
+    `dynamic_sampling/kept_fraction` (share of the generated groups that were informative),
+    `dynamic_sampling/prompts_consumed` (prompts generated on, all processes) and `dynamic_sampling/batch_fill` (share
+    of the batch's groups that are informative: below 1 only when the round limit or the end of the data was reached).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._prompt_stream: PromptStream | None = None
+        self._round_rewards: torch.Tensor | None = None
+        if self.args.dynamic_sampling:
+            name = self.args.dynamic_sampling_reward
+            if name != "total" and name not in self.reward_func_names:
+                raise ValueError(
+                    f"dynamic_sampling_reward={name!r} is not one of the trainer's reward functions "
+                    f"{self.reward_func_names}; use one of them, or 'total' for their weighted sum."
+                )
+            self.add_callback(_EpochProgressCallback(self))
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        if args.dynamic_sampling and args.max_steps > 0:
+            # Epochs take a data-dependent number of steps: go over the data as often as `max_steps` needs.
+            return (sys.maxsize, *values[1:])
+        return values
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.args.dynamic_sampling:
+            if self._prompt_stream is None or self._prompt_stream.source is not epoch_iterator:
+                block = self.args.steps_per_generation * self.args.num_iterations
+                self._prompt_stream = PromptStream(epoch_iterator, block, epoch=math.floor(self.state.epoch))
+            epoch_iterator = self._prompt_stream
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.args.dynamic_sampling:
+            self._round_rewards = rewards_per_func  # [global batch, reward functions], all processes
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
+        if not (self.args.dynamic_sampling and self.model.training):
+            return super()._generate_and_score_completions(inputs)
+        args = self.args
+        target = len(inputs) // self.num_generations  # groups per process
+        informative_pieces: list[dict[str, Any]] = []
+        spare_pieces: list[dict[str, Any]] = []  # uninformative groups, to top up a batch that cannot be filled
+        found = spares = generated = informative_generated = extra_rounds = 0
+        out_of_data = False
+        batch = inputs
+        while True:
+            output = super()._generate_and_score_completions(batch)
+            informative = self._informative_groups(len(batch))
+            generated += len(informative)
+            informative_generated += int(informative.sum())
+            take = informative.nonzero().squeeze(-1).tolist()[: target - found]
+            missing = target - found - len(take)
+            global_missing = int(self.accelerator.reduce(torch.tensor(missing, device=informative.device), "max"))
+            if extra_rounds == 0 and global_missing == 0:
+                self._log_dynamic_sampling(1, generated, informative_generated, target, target)
+                return output  # every group of every process is informative: GRPO's batch as is
+            split = split_pixel_values_by_grid(output)
+            if take:
+                informative_pieces.append(select_rows(split, self._group_rows(take)))
+                found += len(take)
+            spare = (~informative).nonzero().squeeze(-1).tolist()[: max(missing - spares, 0)]
+            if spare:
+                spare_pieces.append(select_rows(split, self._group_rows(spare)))
+                spares += len(spare)
+            if global_missing == 0 or extra_rounds == args.dynamic_sampling_max_rounds:
+                break
+            batch = self._prompt_stream.draw() if self._prompt_stream is not None else None
+            available = torch.tensor(batch is not None, device=informative.device)
+            if int(self.accelerator.reduce(available.long(), "sum")) < self.accelerator.num_processes:
+                out_of_data = True
+                break
+            extra_rounds += 1
+
+        found_all, target_all = self._log_dynamic_sampling(
+            1 + extra_rounds, generated, informative_generated, found, target
+        )
+        if found_all < target_all and not out_of_data:
+            message = (
+                f"Dynamic sampling found {found_all} informative prompt groups of the {target_all} that a generation "
+                f"batch holds (all processes together) after {1 + extra_rounds} generation rounds "
+                f"(dynamic_sampling_max_rounds={args.dynamic_sampling_max_rounds}). "
+            )
+            advice = (
+                "Raise dynamic_sampling_max_rounds, widen (dynamic_sampling_min, dynamic_sampling_max), filter on "
+                "another reward (dynamic_sampling_reward) or use data of better suited difficulty"
+            )
+            if args.dynamic_sampling_on_exhausted == "raise":
+                raise RuntimeError(f"{message}{advice}, or set dynamic_sampling_on_exhausted='continue'.")
+            if self.accelerator.is_main_process:
+                logger.warning(f"{message}The batch is topped up with uninformative groups. {advice}.")
+        pieces = informative_pieces + self._first_groups(spare_pieces, target - found)
+        merged = unsplit_pixel_values_by_grid(concatenate_rows(pieces, self._tokenizer.pad_token_id))
+        loss_mask = (
+            merged["completion_mask"] * merged["tool_mask"] if "tool_mask" in merged else merged["completion_mask"]
+        )
+        merged["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        return merged
+
+    def _informative_groups(self, local_size: int) -> torch.Tensor:
+        """Bool `[local groups]`: which of this process's groups of the last round carry a learning signal."""
+        rewards_per_func = self._round_rewards
+        if self.args.dynamic_sampling_reward == "total":
+            weights = self.reward_weights.to(rewards_per_func.device)
+            rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+            rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable, as in TRL
+        else:
+            rewards = rewards_per_func[:, self.reward_func_names.index(self.args.dynamic_sampling_reward)]
+        start = self.accelerator.process_index * local_size
+        grouped = rewards[start : start + local_size].view(-1, self.num_generations)
+        scored = ~torch.isnan(grouped)
+        spread = torch.where(scored, grouped, -math.inf).amax(dim=1) - torch.where(scored, grouped, math.inf).amin(1)
+        mean = torch.nanmean(grouped, dim=1)
+        return (spread > 0) & (mean > self.args.dynamic_sampling_min) & (mean < self.args.dynamic_sampling_max)
+
+    def _group_rows(self, groups: list[int]) -> list[int]:
+        return [group * self.num_generations + i for group in groups for i in range(self.num_generations)]
+
+    def _first_groups(self, pieces: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+        """The first `count` groups of `pieces`."""
+        selected = []
+        for piece in pieces:
+            groups = min(len(piece["prompt_ids"]) // self.num_generations, count)
+            if groups == 0:
+                break
+            selected.append(select_rows(piece, self._group_rows(list(range(groups)))))
+            count -= groups
+        return selected
+
+    def _log_dynamic_sampling(
+        self, rounds: int, generated: int, informative: int, found: int, target: int
+    ) -> tuple[int, int]:
+        """Log the batch's dynamic-sampling metrics; returns the informative and wanted groups over all processes."""
+        counts = torch.tensor([generated, informative, found, target], device=self.accelerator.device)
+        generated, informative, found, target = self.accelerator.reduce(counts, "sum").tolist()
+        metrics = self._metrics["train"]
+        metrics["dynamic_sampling/rounds"].append(rounds)
+        metrics["dynamic_sampling/kept_fraction"].append(informative / generated)
+        metrics["dynamic_sampling/prompts_consumed"].append(generated)
+        metrics["dynamic_sampling/batch_fill"].append(found / target)
+        return found, target
