@@ -33,11 +33,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(tmp_path: Path, *launch_args: str) -> list[dict]:
+def launch(tmp_path: Path, *launch_args: str, estimator: str = "k3") -> list[dict]:
     output = tmp_path / "run"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launch_args,
-        "--num_processes", "2", "--main_process_port", str(free_port()), str(SCRIPT), str(output),
+        "--num_processes", "2", "--main_process_port", str(free_port()), str(SCRIPT), str(output), estimator,
     ]  # fmt: skip
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "vppo-trl-torch-extensions")}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
@@ -65,8 +65,9 @@ def test_two_processes_ddp(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_zero3_with_uneven_skips(tmp_path):
+@pytest.mark.parametrize("estimator", ["k3", "kl"])
+def test_two_processes_zero3_with_uneven_skips(tmp_path, estimator):
     pytest.importorskip("deepspeed")
     config = tmp_path / "zero3.yaml"
     config.write_text(ZERO3_CONFIG)
-    check_ranks_agree(launch(tmp_path, "--config_file", str(config)))
+    check_ranks_agree(launch(tmp_path, "--config_file", str(config), estimator=estimator))

@@ -290,7 +290,8 @@ def test_kl_estimator_trains_and_is_chunk_invariant(tmp_path, monkeypatch):
     perturbed = {**batch, "pixel_values": trainer._perturbed_pixel_values(batch)}
     with torch.no_grad():
         whole = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
-        monkeypatch.setattr(trainer_module, "KL_POSITIONS_PER_CHUNK", 2)
+        vocabulary = trainer.model.get_output_embeddings().weight.size(0)
+        monkeypatch.setattr(trainer_module, "KL_LOGITS_PER_CHUNK", 2 * vocabulary * 8)  # 2 positions at a time
         chunked = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
     torch.testing.assert_close(chunked, whole)
     assert (whole >= 0).all() and (whole[mask == 0] == 0).all() and (whole > 0).any()

@@ -34,8 +34,9 @@ logger = logging.get_logger(__name__)
 PER_SAMPLE_KEYS = ("token_type_ids", "mm_token_type_ids", "pixel_attention_mask")
 # Image layouts the perturbation cannot rebuild (tiled or position-indexed pixels).
 UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
-# Positions per chunk when the `kl` estimator projects hidden states onto the vocabulary.
-KL_POSITIONS_PER_CHUNK = 512
+# Logits (rows x positions x vocabulary) per chunk when the `kl` estimator projects hidden states onto the
+# vocabulary: 2**25 float32 values are 128 MiB per temporary, whatever the batch, length and vocabulary.
+KL_LOGITS_PER_CHUNK = 2**25
 
 
 class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
@@ -328,9 +329,11 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             )
             chunk_mask = mask[torch.tensor(chunk_rows, device=mask.device, dtype=torch.long)]
             kl = torch.zeros(chunk_mask.shape, dtype=torch.float32, device=mask.device)
+            # `out_features`, not the weight shape: under ZeRO-3 the weight is a 0-size shard until gathered.
+            positions = max(1, KL_LOGITS_PER_CHUNK // (len(chunk_rows) * lm_head.out_features))
             with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias), self.accelerator.autocast():
-                for position in range(0, logits_to_keep, KL_POSITIONS_PER_CHUNK):
-                    window = slice(position, position + KL_POSITIONS_PER_CHUNK)
+                for position in range(0, logits_to_keep, positions):
+                    window = slice(position, position + positions)
                     # F.linear on the gathered weight: no per-window collectives, whatever the local length.
                     logits = F.linear(hidden[:, window], lm_head.weight, lm_head.bias) / self.temperature
                     perturbed_logits = F.linear(perturbed_hidden[:, window], lm_head.weight, lm_head.bias)

@@ -13,7 +13,7 @@ def half_uniform_reward(completions, answer, **kwargs) -> list[float]:
     return [1.0 if a in ("red", "green") else float(len(str(c)) % 3) for c, a in zip(completions, answer, strict=True)]
 
 
-def main(output_path: str) -> None:
+def main(output_path: str, estimator: str) -> None:
     records = []
     original_scales = trainer_module.advantage_scales
 
@@ -36,6 +36,7 @@ def main(output_path: str) -> None:
         save_strategy="no",
         logging_steps=1,
         seed=11,
+        dependency_estimator=estimator,
     )
     trainer = VPPOTrainer(
         model=model,
@@ -58,4 +59,4 @@ def main(output_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "k3")
