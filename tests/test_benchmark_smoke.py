@@ -1,0 +1,108 @@
+"""benchmarks/step_overhead.py end to end on CPU (tiny model, 2 measured steps): the JSON is complete and typed.
+
+No timing is asserted: the figures depend on the machine and its load. What must hold is that both trainers ran,
+interleaved, from the same weights, with fixed-length completions, and that every reported key is there.
+"""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "step_overhead.py"
+
+
+def load_benchmark():
+    """The script as a module (benchmarks/ is no package); registered first, as dataclasses require."""
+    if "step_overhead" in sys.modules:
+        return sys.modules["step_overhead"]
+    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["step_overhead"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def is_time(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value >= 0.0
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--model", "tiny", "--steps", "2", "--warmup", "1"]
+    command += ["--perturbation-reps", "2", "--json", str(out)]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_json_has_every_key_with_sane_types(result):
+    benchmark = load_benchmark()
+    for key in benchmark.REQUIRED_KEYS:
+        assert key in result, key
+    for key in (
+        "grpo_step_s",
+        "vppo_step_s",
+        "grpo_generation_s",
+        "vppo_generation_s",
+        "grpo_train_side_s",
+        "vppo_train_side_s",
+        "perturbed_pass_s",
+        "original_forward_s",
+        "forward_pass_s",
+        "perturbation_s",
+        "apply_visual_dependency_s",
+    ):
+        assert is_time(result[key]), (key, result[key])
+    for key in ("ratio", "overhead_efficiency", "train_side_overhead_s"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]), (key, result[key])
+    for key in ("grpo_peak_mem_bytes", "vppo_peak_mem_bytes"):
+        assert isinstance(result[key], int) and result[key] > 0, key
+    assert isinstance(result["skipped_fraction"], float) and 0.0 <= result["skipped_fraction"] <= 1.0
+    assert {"torch", "transformers", "trl"} <= set(result["versions"])
+    assert result["settings"]["model"] == "tiny" and result["settings"]["steps"] == 2
+    assert isinstance(result["device_name"], str) and isinstance(result["date"], str)
+
+
+def test_both_trainers_ran_every_step_from_the_same_weights(result):
+    assert result["weights_identical"] is True
+    assert result["completion_lengths_fixed"] is True
+    for role in ("grpo", "vppo"):
+        records = result["raw"][role]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert [r["warmup"] for r in records] == [True, False, False]
+        assert all(is_time(r["step_s"]) and is_time(r["generation_s"]) for r in records)
+    # On-policy HF generation: TRL computes no old log-probs, so k3 runs the original-image pass and the perturbed one.
+    assert result["grpo_nograd_forwards_per_step"] == 0
+    assert result["original_forwards_per_step"] == 1 and result["perturbed_forwards_per_step"] == 1
+    assert result["skipped_fraction"] == 0.0
+
+
+def test_uniform_prompt_share_is_exact_per_run_of_prompts():
+    benchmark = load_benchmark()
+    for share in (0.0, 0.25, 0.5, 1.0):
+        flags = [benchmark.uniform_prompt(i, share) for i in range(16)]
+        assert sum(flags) == int(16 * share)
+    # Two prompts per step at share 0.5: exactly one uniform group in every step.
+    assert all(sum(benchmark.uniform_prompt(i, 0.5) for i in (2 * s, 2 * s + 1)) == 1 for s in range(8))
+
+
+def test_7b_arch_config_is_qwen25_vl_7b():
+    """Built on the meta device: no memory, no time. 8,292,166,656 is Qwen2.5-VL-7B-Instruct's parameter count."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vppo_trl.testing import build_tokenizer
+
+    config = load_benchmark().qwen25_vl_7b_arch_config(build_tokenizer())
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 8_292_166_656
+    assert config.text_config.vocab_size == 152064
+    assert config.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
