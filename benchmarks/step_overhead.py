@@ -1105,7 +1105,7 @@ def instrument(trainer, recorder: Recorder, role: str, length: int) -> dict[str,
     names.append("_get_per_token_logps_and_entropies")
     if role == "vppo":
         names += ["_apply_visual_dependency", "_visual_dependency", "_perturbed_pixel_values", "_select_rows"]
-        names += ["_sampled_token_logps", "_completion_hidden_states", "_kl_dependency"]
+        names += ["_sampled_token_logps", "_completion_hidden_states", "_kl_dependency", "_shape_advantages"]
     originals = {name: getattr(trainer, name) for name in names}
 
     def generate_and_score(inputs):
@@ -1140,12 +1140,16 @@ def instrument(trainer, recorder: Recorder, role: str, length: int) -> dict[str,
             recorder.segment_peaks.append(apply_peak)
             recorder.values["apply_peak_mem_bytes"] = apply_peak
             recorder.memory.reset()
-            skipped = trainer._metrics["train"].get("vppo/skipped_fraction")
-            recorder.values["skipped_fraction"] = skipped[-1] if skipped else None
 
-    def visual_dependency(batch, rows, mask):
+    def shape_advantages(*args, **kwargs):
+        # Runs after the generation-time pass, or in the loss when VPPO defers shaping to the loss's forward.
+        originals["_shape_advantages"](*args, **kwargs)
+        skipped = trainer._metrics["train"].get("vppo/skipped_fraction")
+        recorder.values["skipped_fraction"] = skipped[-1] if skipped else None
+
+    def visual_dependency(batch, rows, mask, measure=None):
         recorder.values["measured_rows_fraction"] = len(rows) / mask.size(0) if mask.size(0) else None
-        return originals["_visual_dependency"](batch, rows, mask)
+        return originals["_visual_dependency"](batch, rows, mask, measure)
 
     def perturbed_pixel_values(batch):
         perturbed = originals["_perturbed_pixel_values"](batch)
@@ -1166,6 +1170,7 @@ def instrument(trainer, recorder: Recorder, role: str, length: int) -> dict[str,
         return "original_forward"
 
     trainer._apply_visual_dependency = recorder.timed("apply", apply_visual_dependency)
+    trainer._shape_advantages = shape_advantages
     trainer._visual_dependency = recorder.timed("visual_dependency", visual_dependency)
     trainer._perturbed_pixel_values = recorder.timed("perturbation_in_step", perturbed_pixel_values)
     trainer._select_rows = recorder.timed("select_rows", select_rows)

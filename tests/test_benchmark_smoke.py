@@ -54,7 +54,6 @@ def test_json_has_every_key_with_sane_types(result):
         "grpo_train_side_s",
         "vppo_train_side_s",
         "perturbed_pass_s",
-        "original_forward_s",
         "forward_pass_s",
         "perturbation_s",
         "apply_visual_dependency_s",
@@ -78,9 +77,11 @@ def test_both_trainers_ran_every_step_from_the_same_weights(result):
         assert [r["step"] for r in records] == [1, 2, 3]
         assert [r["warmup"] for r in records] == [True, False, False]
         assert all(is_time(r["step_s"]) and is_time(r["generation_s"]) for r in records)
-    # On-policy HF generation: TRL computes no old log-probs, so k3 runs the original-image pass and the perturbed one.
+    # On-policy HF generation: TRL computes no old log-probs, and k3 takes the original-image log-probs from the loss's
+    # own forward, so the perturbed pass is VPPO's only extra forward.
     assert result["grpo_nograd_forwards_per_step"] == 0
-    assert result["original_forwards_per_step"] == 1 and result["perturbed_forwards_per_step"] == 1
+    assert result["original_forwards_per_step"] == 0 and result["original_forward_s"] is None
+    assert result["perturbed_forwards_per_step"] == 1
     assert result["skipped_fraction"] == 0.0
 
 

@@ -83,6 +83,14 @@ def generation_batch(trainer: VPPOTrainer, dataset, prompts: int) -> dict:
     return GRPOTrainer._generate_and_score_completions(trainer, inputs)
 
 
+def apply_vppo(trainer: VPPOTrainer, batch: dict) -> None:
+    """TGF and TAS on a generation batch, including the part that waits for the loss's forward when deferred."""
+    trainer._apply_visual_dependency(batch)
+    if trainer_module.DEFERRED_KEY in batch:
+        with torch.no_grad():
+            trainer._compute_loss(trainer.model, batch)
+
+
 def final_parameters(trainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
 
@@ -238,7 +246,7 @@ def test_skip_zero_advantage_gives_identical_results(tmp_path):
     for skip, trainer in trainers.items():
         inputs = copy.deepcopy(batch)
         trainer.current_gradient_accumulation_steps = 1
-        trainer._apply_visual_dependency(inputs)
+        apply_vppo(trainer, inputs)
         results[skip] = (inputs["advantages"], trainer._compute_loss(trainer.model, inputs).detach())
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
@@ -254,7 +262,7 @@ def test_same_seed_same_perturbations(tmp_path):
     outputs = []
     for trainer in (first, second):
         inputs = copy.deepcopy(batch)
-        trainer._apply_visual_dependency(inputs)
+        apply_vppo(trainer, inputs)
         outputs.append(inputs["advantages"])
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
@@ -277,6 +285,34 @@ def test_one_perturbed_pass_per_generation_batch_reusing_old_logps(tmp_path, mon
     # and TRL's old log-probs stand in for the original-image pass.
     assert trainer.state.global_step == 2
     assert len(passes) == 1
+
+
+def test_on_policy_reads_original_logps_from_the_loss_forward(tmp_path, monkeypatch):
+    passes = []
+    original = VPPOTrainer._sampled_token_logps
+    monkeypatch.setattr(
+        VPPOTrainer, "_sampled_token_logps", lambda self, *a, **k: passes.append(1) or original(self, *a, **k)
+    )
+    trainer = make_trainer(tmp_path, skip_zero_advantage=False, max_steps=3)
+    trainer.train()
+    assert len(passes) == 3  # one perturbed pass per step, no original-image pass
+    assert "vppo/token_fraction" in trainer.state.log_history[0]
+
+
+def test_deferred_and_eager_shaping_agree(tmp_path, monkeypatch):
+    dataset = make_colour_dataset(8, seed=2)
+    trainer = make_trainer(tmp_path, dataset=dataset, skip_zero_advantage=False)
+    batch = generation_batch(trainer, dataset, prompts=2)
+    deferred, eager = copy.deepcopy(batch), copy.deepcopy(batch)
+    trainer._perturbation_round = 0
+    apply_vppo(trainer, deferred)
+    monkeypatch.setattr(VPPOTrainer, "_defers_original_logps", lambda self, batch: False)
+    trainer._perturbation_round = 0
+    trainer._apply_visual_dependency(eager)
+    assert trainer_module.DEFERRED_KEY not in eager
+    torch.testing.assert_close(deferred["advantages"], eager["advantages"])
+    losses = [trainer._compute_loss(trainer.model, inputs).detach() for inputs in (deferred, eager)]
+    torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_kl_estimator_trains_and_is_chunk_invariant(tmp_path, monkeypatch):
@@ -385,7 +421,7 @@ def test_mixed_text_and_image_samples_several_images_and_sizes(tmp_path):
     assert batch["num_images"] == [1, 1, 2, 2, 0, 0]
     assert len({tuple(g) for g in batch["image_grid_thw"].tolist()}) == 2  # two image sizes
     advantages = batch["advantages"].clone()
-    trainer._apply_visual_dependency(batch)
+    apply_vppo(trainer, batch)
     text_only = slice(4, 6)
     mask = batch["completion_mask"][text_only].bool()
     # Text-only samples are plain GRPO samples: every token kept, scale 1.

@@ -3,7 +3,7 @@
 import os
 import textwrap
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ from .perturbations import PixelLayout, perturb_pixel_values
 
 logger = logging.get_logger(__name__)
 
+# Batch keys of a generation batch whose TGF and TAS wait for the loss's forward pass (see `_defers_original_logps`).
+DEFERRED_KEY = "vppo_perturbed_logps"
 # Per-sample tensors of a generation batch that a sub-batch of rows must carry along.
 PER_SAMPLE_KEYS = ("token_type_ids", "mm_token_type_ids", "pixel_attention_mask")
 # Image layouts the perturbation cannot rebuild (tiled or position-indexed pixels).
@@ -90,7 +92,7 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             tokenizer.padding_side = "left"
         self.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
         self._perturbation_round = 0
-        self._capture_policy_logps = False
+        self._loss_inputs: dict[str, Any] | None = None  # the inputs of the loss being computed
         self._policy_logps: torch.Tensor | None = None
         self._warned_without_images = False
         columns = getattr(self.train_dataset, "column_names", None)
@@ -139,34 +141,77 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         return output
 
     def _apply_visual_dependency(self, batch: dict[str, Any]) -> None:
-        """Measure token visual dependency on `batch` and rewrite `batch["advantages"]` with TGF and TAS."""
+        """
+        Measure token visual dependency on `batch` and rewrite `batch["advantages"]` with TGF and TAS.
+
+        When the loss's own forward pass gives the original-image log-probs (see `_defers_original_logps`), only the
+        perturbed pass runs here, and the advantages are rewritten in the loss, right after that forward.
+        """
         args = self.args
         self._perturbation_round += 1
-        mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+        mask = loss_mask(batch)
         advantages = batch["advantages"]
-        device = advantages.device
         num_images = batch.get("num_images")
         if num_images is None:
             self._warn_without_images()
-        has_image = torch.tensor([bool(n) for n in (num_images or [0] * len(advantages))], device=device)
+        has_image = torch.tensor([bool(n) for n in (num_images or [0] * len(advantages))], device=advantages.device)
         has_tokens = mask.sum(-1) > 0
-        shapeable = has_image & has_tokens & (advantages != 0)
-        needs_dependency = shapeable if args.skip_zero_advantage else has_image & has_tokens
-
-        dependency = torch.zeros(mask.shape, dtype=torch.float32, device=device)
-        rows = needs_dependency.nonzero().squeeze(-1).tolist()
-        if rows or self._forward_passes_must_match():
+        roles = {
+            "measured": has_image & has_tokens,
+            "shapeable": has_image & has_tokens & (advantages != 0),
+            "with_image": has_image & has_tokens,
+        }
+        if args.skip_zero_advantage:
+            roles["measured"] = roles["shapeable"]
+        rows = roles["measured"].nonzero().squeeze(-1).tolist()
+        run_pass = bool(rows) or self._forward_passes_must_match()
+        if self._defers_original_logps(batch):
+            perturbed_logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            if run_pass:
+                perturbed_logps = self._visual_dependency(batch, rows, mask, self._perturbed_token_logps)
+            batch[DEFERRED_KEY] = perturbed_logps
+            batch.update({f"{DEFERRED_KEY}_{name}": value for name, value in roles.items()})
+            return
+        dependency = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        if run_pass:
             dependency = self._visual_dependency(batch, rows, mask)
+        self._shape_advantages(batch, dependency, **roles)
 
+    def _defers_original_logps(self, batch: dict[str, Any]) -> bool:
+        """
+        Whether the original-image log-probs can come from the loss's own forward instead of an extra pass.
+
+        True for `k3` in TRL's on-policy configuration (no `old_per_token_logps`) when each generation batch feeds
+        exactly one loss call (`steps_per_generation == 1`, `num_iterations == 1`): that forward scores the batch with
+        the generating policy, as TRL itself assumes when it uses `per_token_logps.detach()` as the old log-probs.
+        """
+        return (
+            self.args.dependency_estimator == "k3"
+            and "old_per_token_logps" not in batch
+            and self.args.steps_per_generation == 1
+            and self.num_iterations == 1
+        )
+
+    def _shape_advantages(
+        self,
+        batch: dict[str, Any],
+        dependency: torch.Tensor,
+        measured: torch.Tensor,
+        shapeable: torch.Tensor,
+        with_image: torch.Tensor,
+    ) -> None:
+        """Fold TGF (per-token mask) and TAS (per-completion scale) into `batch["advantages"]`, and log metrics."""
+        args = self.args
+        mask = loss_mask(batch)
+        advantages = batch["advantages"]
         if args.token_filter_ratio < 1.0:
-            measured = needs_dependency.unsqueeze(-1)
-            keep = torch.where(measured, top_dependency_mask(dependency, mask, args.token_filter_ratio), mask.bool())
+            filtered = top_dependency_mask(dependency, mask, args.token_filter_ratio)
+            keep = torch.where(measured.unsqueeze(-1), filtered, mask.bool())
         else:
             keep = mask.bool()
 
         # TAS statistics span the whole generation batch, all processes together.
-        sample_dependency = trajectory_dependency(dependency, mask)
-        all_dependency = self.accelerator.gather(sample_dependency)
+        all_dependency = self.accelerator.gather(trajectory_dependency(dependency, mask))
         all_shapeable = self.accelerator.gather(shapeable)
         if args.advantage_shaping:
             all_scales = advantage_scales(
@@ -174,24 +219,22 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             )
         else:
             all_scales = torch.ones_like(all_dependency)
-        local = slice(
-            self.accelerator.process_index * len(advantages), (self.accelerator.process_index + 1) * len(advantages)
-        )
-        shaped = advantages * all_scales[local].to(advantages.dtype)
+        first = self.accelerator.process_index * len(advantages)
+        shaped = advantages * all_scales[first : first + len(advantages)].to(advantages.dtype)
         if args.token_filter_ratio < 1.0:
             batch["advantages"] = shaped.unsqueeze(-1) * keep.to(shaped.dtype)
         else:
             batch["advantages"] = shaped
-        self._log_dependency_metrics(
-            dependency, mask, keep, needs_dependency, has_image & has_tokens, all_scales, all_shapeable
-        )
+        self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
 
     def _forward_passes_must_match(self) -> bool:
         """Whether every process must run the same forward passes (sharded parameters are gathered collectively)."""
         return self.accelerator.num_processes > 1 and (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
 
-    def _visual_dependency(self, batch: dict[str, Any], rows: list[int], mask: torch.Tensor) -> torch.Tensor:
-        """`[B, T]` token dependencies, measured for `rows` (0 elsewhere)."""
+    def _visual_dependency(
+        self, batch: dict[str, Any], rows: list[int], mask: torch.Tensor, measure: Callable | None = None
+    ) -> torch.Tensor:
+        """`[B, T]` token dependencies (or what `measure` gives for the perturbed batch) for `rows`, 0 elsewhere."""
         unsupported = [key for key in UNSUPPORTED_PIXEL_KEYS if key in batch]
         if unsupported:
             raise ValueError(
@@ -214,11 +257,10 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             {**batch, "pixel_values": self._perturbed_pixel_values(batch)} if "pixel_values" in batch else batch
         )
         logits_to_keep = mask.size(1)
+        if measure is None:
+            measure = self._k3_dependency if self.args.dependency_estimator == "k3" else self._kl_dependency
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.args.dependency_estimator == "k3":
-                measured = self._k3_dependency(batch, perturbed, measured_rows, mask, logits_to_keep)
-            else:
-                measured = self._kl_dependency(batch, perturbed, measured_rows, mask, logits_to_keep)
+            measured = measure(batch, perturbed, measured_rows, mask, logits_to_keep)
         if rows:
             dependency[rows] = measured[: len(rows)]
         return dependency
@@ -301,15 +343,17 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         )
         return logps
 
+    def _perturbed_token_logps(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
+        return self._sampled_token_logps(self._select_rows(perturbed, rows), logits_to_keep)
+
     def _k3_dependency(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
-        inputs = self._select_rows(batch, rows)
         index = torch.tensor(rows, device=mask.device, dtype=torch.long)
         if "old_per_token_logps" in batch:
             # TRL already scored the batch with the generating policy: reuse it, one forward pass saved.
             logps = batch["old_per_token_logps"][index]
         else:
-            logps = self._sampled_token_logps(inputs, logits_to_keep)
-        perturbed_logps = self._sampled_token_logps(self._select_rows(perturbed, rows), logits_to_keep)
+            logps = self._sampled_token_logps(self._select_rows(batch, rows), logits_to_keep)
+        perturbed_logps = self._perturbed_token_logps(batch, perturbed, rows, mask, logits_to_keep)
         return token_dependency(logps, perturbed_logps, mask[index])
 
     def _kl_dependency(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
@@ -420,24 +464,41 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if self._capture_policy_logps:
+        inputs, self._loss_inputs = self._loss_inputs, None
+        if inputs is not None:
+            # The loss's own forward: GRPO reads the advantages only after it, so deferred TGF and TAS land in time.
             self._policy_logps = logps
+            if DEFERRED_KEY in inputs:
+                self._finish_deferred_shaping(inputs, logps.detach())
         return logps, entropies, aux_loss
 
+    def _finish_deferred_shaping(self, inputs: dict[str, Any], logps: torch.Tensor) -> None:
+        """TGF and TAS from the loss forward's log-probs (original images) and the stored perturbed log-probs."""
+        roles = {name: inputs.pop(f"{DEFERRED_KEY}_{name}") for name in ("measured", "shapeable", "with_image")}
+        measured_mask = loss_mask(inputs) * roles["measured"].unsqueeze(-1)
+        dependency = token_dependency(logps, inputs.pop(DEFERRED_KEY), measured_mask)
+        self._shape_advantages(inputs, dependency, **roles)
+
     def _compute_loss(self, model, inputs):
-        if self.args.entropy_penalty_coef == 0.0:
-            return super()._compute_loss(model, inputs)
-        self._capture_policy_logps = True
+        self._loss_inputs = inputs
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
-            self._capture_policy_logps = False
-        mask = (
-            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-        )
-        penalty = entropy_penalty(self._policy_logps, mask)
-        self._policy_logps = None
+            self._loss_inputs = None
+            policy_logps, self._policy_logps = self._policy_logps, None
+        if DEFERRED_KEY in inputs:
+            raise RuntimeError(
+                "VPPO's deferred advantage shaping did not run: GRPOTrainer's loss changed its forward."
+            )
+        if self.args.entropy_penalty_coef == 0.0:
+            return loss
+        penalty = entropy_penalty(policy_logps, loss_mask(inputs))
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         self._metrics[mode]["vppo/entropy_penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
         return loss + self.args.entropy_penalty_coef * penalty / accumulation
+
+
+def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """The tokens GRPO's loss counts: completion tokens, less tool outputs in multi-turn rollouts."""
+    return batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
