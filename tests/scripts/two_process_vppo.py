@@ -3,6 +3,8 @@
 import json
 import sys
 
+import torch
+
 import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
@@ -56,6 +58,9 @@ def main(output_path: str, estimator: str) -> None:
     }
     with open(f"{output_path}.rank{rank}.json", "w") as handle:
         json.dump(result, handle)
+    # Tear the process group down before the interpreter exits: a gloo thread left running can abort the exit.
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
