@@ -328,3 +328,27 @@ class TestBadRows:
         path = write_jsonl(tmp_path / "t.jsonl", [{"problem": "p", "answer": "1", "images": "a.png"}])
         with pytest.raises(ValueError, match="row 0, field 'images': expected a list of images, got str: 'a.png'"):
             load_vppo_dataset(str(path))
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        # Upsampled towards the minimum by sqrt(200704 / 10000) = 4.48; 100 x 4.48 is 447.99... in floating point and
+        # each side is rounded down, as in the official code.
+        ((100, 100), (447, 447)),
+        ((2000, 1000), (1416, 708)),  # downsampled to the maximum: sqrt(1003520 / 2e6) = 0.7083...
+        ((500, 700), (500, 700)),  # 350,000 pixels: inside the limits, unchanged
+    ],
+)
+def test_fit_image_pixels_applies_the_official_limits(size, expected):
+    image = PILImage.new("L", size, 200)
+    fitted = data_module.fit_image_pixels(image, data_module.PAPER_MIN_PIXELS, data_module.PAPER_MAX_PIXELS)
+    assert fitted.size == expected
+    assert fitted.mode == "RGB"
+    assert data_module.PAPER_MIN_PIXELS * 0.99 <= fitted.width * fitted.height <= data_module.PAPER_MAX_PIXELS
+
+
+def test_fit_image_pixels_without_limits_only_converts_to_rgb():
+    image = PILImage.new("RGBA", (3, 5))
+    fitted = data_module.fit_image_pixels(image)
+    assert fitted.size == (3, 5) and fitted.mode == "RGB"

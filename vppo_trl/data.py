@@ -13,12 +13,14 @@ Other columns (e.g. an id) are kept unchanged. Bad rows are found up front, not 
 """
 
 import logging
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import PIL
+import PIL.Image
 from datasets import Dataset, Features, Image, LargeList, List, Value, load_dataset
 from datasets.data_files import DataFilesDict, get_data_patterns
 
@@ -40,6 +42,31 @@ _MAX_VALUE_CHARS = 80
 
 _PROMPT_FEATURE = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
 _ENCODED_IMAGE_FEATURE = {"bytes": Value("binary"), "path": Value("string")}
+
+
+# The official VPPO run's image size limits (its config's min_pixels / max_pixels), in pixels per image.
+PAPER_MIN_PIXELS = 200_704
+PAPER_MAX_PIXELS = 1_003_520
+
+
+def fit_image_pixels(
+    image: PIL.Image.Image, min_pixels: int | None = None, max_pixels: int | None = None
+) -> PIL.Image.Image:
+    """
+    Resize `image`, keeping its aspect ratio, so that its pixel count lies within `[min_pixels, max_pixels]`, and
+    convert it to RGB.
+
+    This is the official VPPO code's image rule: larger images are scaled down, smaller ones up, by the factor
+    `sqrt(limit / pixels)`, each side rounded down. It runs on the image itself (not in the processor), so that the
+    generation engine and the trainer see the same picture. `None` leaves that side unbounded.
+    """
+    for limit, outside in ((max_pixels, lambda n, m: n > m), (min_pixels, lambda n, m: n < m)):
+        pixels = image.width * image.height
+        if limit is not None and pixels > 0 and outside(pixels, limit):
+            factor = math.sqrt(limit / pixels)
+            size = (max(1, int(image.width * factor)), max(1, int(image.height * factor)))
+            image = image.resize(size, PIL.Image.Resampling.BICUBIC)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 @dataclass
