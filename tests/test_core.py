@@ -37,6 +37,17 @@ class TestTokenDependency:
         # d = +20 saturates at the upper clamp; d = -20 gives exp(-20) + 19, also clamped to 10.
         torch.testing.assert_close(out, torch.full((1, 4), 10.0))
 
+    @pytest.mark.parametrize("d", [1e-3, 3e-4, -1e-3, -3e-4])
+    def test_small_log_ratios_are_accurate(self, d):
+        # float32 exp(d) - d - 1 is 5% off at 1e-3 and gives 0 at 3e-4; expm1(d) - d stays within 1e-3 relative.
+        logps = torch.tensor([[-1.0]])
+        perturbed = logps + d
+        exact_d = perturbed.double() - logps.double()  # the float32 log-ratio the function sees, in float64
+        expected = (torch.expm1(exact_d) - exact_d).float()
+        out = token_dependency(logps, perturbed, torch.ones(1, 1))
+        assert out.item() > 0
+        torch.testing.assert_close(out, expected, rtol=1e-3, atol=0)
+
     def test_never_negative_and_zero_for_identical(self):
         logps = torch.randn(4, 7)
         out = token_dependency(logps, logps, torch.ones(4, 7))

@@ -21,7 +21,9 @@ def token_dependency(logps: torch.Tensor, perturbed_logps: torch.Tensor, mask: t
 
     With `d = clamp(perturbed_logps - logps, -20, 20)`, the dependency is `clamp(exp(d) - d - 1, 0, 10)`: a
     non-negative, sampled-token estimate of KL(pi(.|image) || pi(.|perturbed image)), as in the official code. It is
-    exactly 0 where `mask` is 0, and never NaN, even for infinite log-probs.
+    computed as `expm1(d) - d`, which keeps its accuracy for small `d` (float32 `exp(d) - d - 1` loses it to
+    cancellation: 5% off at d = 1e-3, 0 at d = 3e-4), so near-ties in TGF are decided by the values, not by rounding.
+    It is exactly 0 where `mask` is 0, and never NaN, even for infinite log-probs.
 
     Args:
         logps: `[B, T]` log-probs of the sampled tokens given the image.
@@ -33,7 +35,7 @@ def token_dependency(logps: torch.Tensor, perturbed_logps: torch.Tensor, mask: t
     """
     log_ratio = torch.nan_to_num(perturbed_logps.float() - logps.float(), nan=0.0)
     log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    dependency = (torch.exp(log_ratio) - log_ratio - 1).clamp(0.0, DEPENDENCY_CLAMP)
+    dependency = (torch.expm1(log_ratio) - log_ratio).clamp(0.0, DEPENDENCY_CLAMP)
     return torch.where(mask.bool(), dependency, torch.zeros_like(dependency))
 
 
