@@ -352,3 +352,37 @@ def test_fit_image_pixels_without_limits_only_converts_to_rgb():
     image = PILImage.new("RGBA", (3, 5))
     fitted = data_module.fit_image_pixels(image)
     assert fitted.size == (3, 5) and fitted.mode == "RGB"
+
+
+def test_loaded_images_are_fitted_to_the_pixel_limits(tmp_path):
+    """The limits act on the rows as the trainer reads them: one image per row, by index, batch or sampler."""
+    PILImage.new("RGB", (100, 100), RED).save(tmp_path / "small.png")
+    PILImage.new("RGB", (2000, 1000), GREEN).save(tmp_path / "large.png")
+    PILImage.new("RGB", (500, 700), BLUE).save(tmp_path / "inside.png")
+    rows = [
+        {"problem": "a", "answer": "1", "images": ["small.png"]},
+        {"problem": "b", "answer": "2", "images": ["large.png", "inside.png"]},
+        {"problem": "c", "answer": "3", "images": []},
+    ]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    limits = {"min_pixels": data_module.PAPER_MIN_PIXELS, "max_pixels": data_module.PAPER_MAX_PIXELS}
+    dataset, _ = load_vppo_dataset(str(path), **limits)
+    assert [image.size for image in dataset[0]["images"]] == [(447, 447)]  # 100 x 100 upsampled to the minimum
+    assert [image.size for image in dataset[1]["images"]] == [(1416, 708), (500, 700)]
+    assert dataset[2]["images"] == []
+    assert_rgb(dataset[0]["images"][0], RED)
+    sizes = [[image.size for image in row["images"]] for row in dataset.__getitems__([1, 0])]
+    assert sizes == [[(1416, 708), (500, 700)], [(447, 447)]]
+    assert [image.size for image in dataset.select([0])[0]["images"]] == [(447, 447)]
+    unlimited, _ = load_vppo_dataset(str(path))
+    assert unlimited[0]["images"][0].size == (100, 100)
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [({"min_pixels": 0}, "min_pixels must be a positive"), ({"min_pixels": 10, "max_pixels": 5}, "must not exceed")],
+)
+def test_bad_pixel_limits(tmp_path, limits, message):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"problem": "a", "answer": "1"}])
+    with pytest.raises(ValueError, match=message):
+        load_vppo_dataset(str(path), **limits)

@@ -18,7 +18,7 @@ from vppo_trl import cli
 from vppo_trl import data as data_module
 from vppo_trl.model_card import SECTION_BEGIN
 from vppo_trl.testing import make_shape_image
-from vppo_trl.train import main
+from vppo_trl.train import _load, main, make_parser
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 CPU_DEMO = RECIPES / "cpu_demo.yaml"
@@ -230,6 +230,7 @@ def test_a_command_is_required(capsys):
         (["--reward_weights", "1.0", "2.0"], "reward_weights has 2 values but there are 1 reward functions"),
         (["--eval_strategy", "steps"], "eval_strategy='steps' needs an eval_dataset_name"),
         (["--dataset_name", "./missing.jsonl"], "Dataset './missing.jsonl' does not exist"),
+        (["--min_pixels", "1000", "--max_pixels", "10"], "min_pixels=1000 must not exceed max_pixels=10"),
     ],
 )
 def test_bad_values_end_with_a_one_line_error(capsys, args, message):
@@ -239,6 +240,16 @@ def test_bad_values_end_with_a_one_line_error(capsys, args, message):
     err = capsys.readouterr().err
     assert f"vppo-trl train: error: {message}" in err
     assert "Traceback" not in err and "usage:" not in err
+
+
+def test_pixel_limits_reach_the_loaded_images(tmp_path):
+    make_shape_image("red", random.Random(0)).resize((100, 100)).save(tmp_path / "small.png")
+    (tmp_path / "train.jsonl").write_text('{"problem": "Colour?", "answer": "red", "images": ["small.png"]}\n')
+    script_args, _, _ = make_parser().parse_args_and_config(
+        ["--config", str(CPU_DEMO), "--min_pixels", "200704", "--max_pixels", "1003520"]
+    )
+    dataset, _ = _load(script_args, str(tmp_path / "train.jsonl"), "train", None)
+    assert dataset[0]["images"][0].size == (447, 447)
 
 
 def test_unknown_recipe_key(tmp_path, capsys):

@@ -69,6 +69,12 @@ def fit_image_pixels(
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _fit_row_images(batch: dict[str, list], min_pixels: int | None, max_pixels: int | None) -> dict[str, list]:
+    """Dataset transform: every decoded image of a batch of rows brought within the pixel limits."""
+    batch["images"] = [[fit_image_pixels(image, min_pixels, max_pixels) for image in row] for row in batch["images"]]
+    return batch
+
+
 @dataclass
 class DataReport:
     """What [`load_vppo_dataset`] kept and dropped, so the caller can log it next to the training metrics."""
@@ -279,6 +285,8 @@ def load_vppo_dataset(
     answer_column: str = "answer",
     images_column: str = "images",
     num_proc: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[Dataset, DataReport]:
     """
     Load a VPPO dataset, validate every row and convert it to the prompt/images/answer layout of GRPOTrainer.
@@ -305,6 +313,11 @@ def load_vppo_dataset(
             is used as a one-image list; without either, rows are text-only.
         num_proc (`int`, *optional*):
             Processes used to validate the rows (each image is fully decoded once).
+        min_pixels, max_pixels (`int`, *optional*):
+            Pixel-count limits applied to every image when a row is read, with [`fit_image_pixels`] (the official
+            code's rule: smaller images are scaled up, larger ones down, aspect ratio kept). The images the trainer
+            hands to vLLM and to its processor are then the same picture. The paper's run uses `PAPER_MIN_PIXELS`
+            (200,704) and `PAPER_MAX_PIXELS` (1,003,520); `None` leaves that side unbounded.
 
     Returns:
         `tuple[Dataset, DataReport]`: the converted dataset, with images decoding to RGB PIL images when rows are
@@ -314,6 +327,11 @@ def load_vppo_dataset(
         raise ValueError(f"on_bad_row must be one of {list(ON_BAD_ROW_CHOICES)}, got {on_bad_row!r}.")
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be non-negative, got {max_rows}.")
+    for name, limit in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, got {limit}.")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels}).")
 
     dataset, data_folder = _load_source(source, split)
     for column in (problem_column, answer_column):
@@ -380,5 +398,7 @@ def load_vppo_dataset(
             "\n  ".join(problems[:_MAX_REPORTED_PROBLEMS]),
         )
     dataset = dataset.remove_columns(_PROBLEMS_COLUMN).cast_column("images", List(Image(mode="RGB")))
+    if min_pixels is not None or max_pixels is not None:
+        dataset = dataset.with_transform(partial(_fit_row_images, min_pixels=min_pixels, max_pixels=max_pixels))
     report = DataReport(total_rows=total_rows, kept_rows=len(dataset), skipped_rows=skipped_rows, problems=problems)
     return dataset, report

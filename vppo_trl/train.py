@@ -68,6 +68,10 @@ class VPPOScriptArguments:
             Evaluate on the first `max_eval_rows` rows only.
         dataset_num_proc (`int`, *optional*):
             Processes used to validate the rows of each dataset.
+        min_pixels, max_pixels (`int`, *optional*):
+            Pixel-count limits every image is brought within when the data is loaded (aspect ratio kept; see
+            [`~vppo_trl.data.fit_image_pixels`]), so that vLLM and the trainer see the same image. The paper recipes
+            use the official run's 200704 and 1003520.
     """
 
     dataset_name: str | None = field(
@@ -103,6 +107,21 @@ class VPPOScriptArguments:
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes used to validate the rows of each dataset."}
     )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Images are scaled up to at least this many pixels when loaded (paper: 200704)."},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Images are scaled down to at most this many pixels when loaded (paper: 1003520)."},
+    )
+
+    def __post_init__(self):
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive number of pixels.")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels={self.min_pixels} must not exceed max_pixels={self.max_pixels}.")
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -184,6 +203,8 @@ def _load(script_args: VPPOScriptArguments, source: str, split: str, max_rows: i
         answer_column=script_args.answer_column,
         images_column=script_args.images_column,
         num_proc=script_args.dataset_num_proc,
+        min_pixels=script_args.min_pixels,
+        max_pixels=script_args.max_pixels,
     )
 
 
