@@ -10,6 +10,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from trl import ModelConfig
 
 from vppo_trl import VPPOConfig
+from vppo_trl.data import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS
 from vppo_trl.train import VPPOScriptArguments, make_parser, resolve_reward_functions
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -68,16 +69,22 @@ def test_recipe_parses_completely(recipe):
 @pytest.mark.parametrize("name", ["qwen2_5_vl_7b_paper", "qwen2_5_vl_32b_paper", "qwen3_vl_8b"])
 def test_paper_recipes_follow_table_9(name):
     script_args, args, model_args = parse(RECIPES / f"{name}.yaml")
-    # AdamW, lr 1e-6 constant, 2 epochs, vision tower trained (full fine-tuning)
-    assert args.learning_rate == 1e-6 and args.lr_scheduler_type == "constant" and args.num_train_epochs == 2
+    # AdamW, lr 1e-6 constant, 2 epochs (the official 8B script: 130 steps), vision tower trained (full fine-tuning)
+    assert args.learning_rate == 1e-6 and args.lr_scheduler_type == "constant"
+    if name == "qwen3_vl_8b":
+        assert args.max_steps == 130
+    else:
+        assert args.max_steps == -1 and args.num_train_epochs == 2
     assert not model_args.use_peft
     assert args.bf16 and args.gradient_checkpointing and model_args.dtype == "bfloat16"
     # DAPO: clip 0.2 / 0.28, token-mean loss, no KL, dynamic sampling; G = 8, top-p 0.99, temperature 1.0
     assert (args.loss_type, args.epsilon, args.epsilon_high, args.beta) == ("dapo", 0.2, 0.28, 0.0)
+    assert args.delta == 3.0  # dual clip c = 3.0 (official clip_ratio_dual)
     assert args.dynamic_sampling and args.dynamic_sampling_reward == "accuracy_reward"
     assert (args.num_generations, args.top_p, args.temperature) == (G, 0.99, 1.0)
     # VPPO: patch blackening, k3, 40% of tokens, dynamic-range TAS from 0.9
     assert (args.perturbation, args.perturbation_prob, args.dependency_estimator) == ("patch_blackening", 0.5, "k3")
+    assert args.perturbation_patch_size == 14  # the official code's, for Qwen3-VL too
     assert (args.token_filter_ratio, args.advantage_shaping, args.advantage_scale_min) == (0.4, True, 0.9)
     assert args.advantage_scale_max is None
     # Binary accuracy reward; ViRL39K to train, MMK12 to validate, avg@8 at temperature 1.0
@@ -85,6 +92,7 @@ def test_paper_recipes_follow_table_9(name):
     assert (script_args.dataset_name, script_args.dataset_train_split) == ("TIGER-Lab/ViRL39K", "train")
     assert (script_args.eval_dataset_name, script_args.eval_dataset_split) == ("FanqingM/MMK12", "test")
     assert (script_args.problem_column, script_args.images_column) == ("question", "image")
+    assert (script_args.min_pixels, script_args.max_pixels) == (PAPER_MIN_PIXELS, PAPER_MAX_PIXELS)
     assert args.eval_strategy == "steps" and args.num_generations_eval == G
     # vLLM colocated with training; wandb; pushed under the logged-in user
     assert args.use_vllm and args.vllm_mode == "colocate"
@@ -117,8 +125,8 @@ def test_32b_recipe():
 def test_qwen3_vl_recipe():
     _, args, model_args = parse(RECIPES / "qwen3_vl_8b.yaml")
     assert model_args.model_name_or_path == "Qwen/Qwen3-VL-8B-Instruct"
-    assert args.entropy_penalty_coef == 0.12
-    assert args.perturbation_patch_size == 16  # Qwen3-VL's native patch
+    # The official 8B script: entropy penalty 0.12, responses up to 8192 tokens, 130 steps, 14-px patches
+    assert args.entropy_penalty_coef == 0.12 and args.max_completion_length == 8192 and args.max_steps == 130
     assert optimizer_batch(args, num_gpus=8) == PAPER_GLOBAL_BATCH_PROMPTS * G
 
 
@@ -140,7 +148,8 @@ def test_lora_single_gpu_recipe():
     assert optimizer_batch(args, num_gpus=1) == 16 * G
     assert args.generation_batch_size == 48 * G
     assert args.use_vllm and args.vllm_mode == "colocate" and args.vllm_gpu_memory_utilization <= 0.3
-    assert args.entropy_penalty_coef == 0.06 and args.dynamic_sampling
+    assert args.entropy_penalty_coef == 0.06 and args.dynamic_sampling and args.delta == 3.0
+    assert (script_args.min_pixels, script_args.max_pixels) == (PAPER_MIN_PIXELS, PAPER_MAX_PIXELS)
     assert not args.push_to_hub
 
 
