@@ -17,6 +17,7 @@ from trl import GRPOTrainer
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.dynamic_sampling import PromptStream, concatenate_rows
 from vppo_trl.testing import COLOUR_QUESTION, COLOURS, build_tiny_vlm, make_colour_dataset
+from vppo_trl.trainer import IMAGES_KEY
 
 SCRIPT = Path(__file__).parent / "scripts" / "dynamic_sampling_two_process.py"
 GROUP = 4
@@ -198,6 +199,10 @@ def test_merged_batch_has_grpo_layout(tmp_path, monkeypatch):
     assert all(len(match) == 1 for match in matches)
     assert len({match[0] for match in matches}) == 8
     assert all(matches[row][0] // GROUP == matches[row - row % GROUP][0] // GROUP for row in range(8))  # whole groups
+    # The images VPPO perturbs follow their completions: processed again, they give the merged pixel_values.
+    images = [image for row in batch[IMAGES_KEY] for image in row]
+    reprocessed = trainer.processing_class.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(reprocessed, batch["pixel_values"])
 
 
 def test_round_limit_continue_tops_up_and_logs(tmp_path, caplog):

@@ -6,7 +6,13 @@ import torch
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
 
-from vppo_trl.perturbations import PixelLayout, perturb_images, perturb_pixel_values
+from vppo_trl.perturbations import (
+    PixelLayout,
+    image_tensor,
+    perturb_images,
+    perturb_original_images,
+    perturb_pixel_values,
+)
 
 KINDS = ("patch_blackening", "gaussian_noise", "gaussian_blur", "solid")
 
@@ -119,3 +125,82 @@ def test_errors():
         perturb_images(torch.zeros(1, 3, 4, 4), "pixelate")
     with pytest.raises(ValueError, match="supported image layout"):
         PixelLayout(mean=(0.5,), std=(0.5,)).to_images(torch.zeros(3, 10))
+
+
+def paper_processor() -> Qwen2VLImageProcessor:
+    """Qwen2.5-VL's image processor with its real defaults (14-px patches, merge 2, CLIP normalisation)."""
+    return Qwen2VLImageProcessor()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_original_image_route_equals_processing_the_perturbed_pil_image(kind):
+    """Perturb on the device, then the fast image processor == the official PIL perturbation, then the processor."""
+    processor = paper_processor()
+    images = [random_image(500, 700, 0), random_image(500, 700, 1), random_image(90, 130, 2)]
+    result = perturb_original_images(images, processor, kind, torch.Generator().manual_seed(5), "cpu")
+    # The same draws made by hand on the images, turned into 8-bit PIL images as the official code does.
+    generator = torch.Generator().manual_seed(5)
+    expected_images = {}
+    for size_group in ([0, 1], [2]):
+        stacked = torch.stack([image_tensor(images[i], processor) for i in size_group]).float()
+        perturbed = perturb_images(stacked, kind, generator)
+        perturbed = perturbed.round() if kind == "gaussian_blur" else perturbed
+        for i, image in zip(size_group, perturbed.clamp(0, 255).to(torch.uint8), strict=True):
+            expected_images[i] = Image.fromarray(image.permute(1, 2, 0).numpy())
+    expected = processor(images=[expected_images[i] for i in range(3)], return_tensors="pt")
+    original = processor(images=images, return_tensors="pt")
+    assert torch.equal(result["image_grid_thw"], original["image_grid_thw"])  # same token layout as the originals
+    assert result["pixel_values"].shape == original["pixel_values"].shape
+    torch.testing.assert_close(result["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
+    assert not torch.allclose(result["pixel_values"], original["pixel_values"])
+
+
+def test_blackening_the_original_500x700_image_leaves_patches_partly_black():
+    """The issue's hand case: on a 500 x 700 image (resized to 504 x 700 by the processor) the official operation
+    blackens 14-px squares of the *original* grid, so many vision patches end up partly black; blackening patch rows
+    of the processed pixels gives whole black patches only."""
+    processor = paper_processor()
+    image = Image.fromarray(np.full((500, 700, 3), 200, dtype=np.uint8))
+    layout = PixelLayout.from_image_processor(processor)
+    original = processor(images=[image], return_tensors="pt")
+    grid = original["image_grid_thw"]
+    assert grid.tolist() == [[1, 36, 50]]  # 504 x 700 pixels
+
+    def black_share(pixel_values):
+        patches = layout.to_images(pixel_values, grid)[0].unfold(1, 14, 14).unfold(2, 14, 14)  # [3, 36, 50, 14, 14]
+        dark = (patches < 1.0).all(0).flatten(-2)  # pixels that are black in every channel
+        full, some = dark.all(-1), dark.any(-1)
+        return full.float().mean().item(), (some & ~full).float().mean().item()
+
+    seed = torch.Generator().manual_seed(0)
+    on_original = perturb_original_images([image], processor, "patch_blackening", seed, "cpu")["pixel_values"]
+    full, partial = black_share(on_original)
+    assert 0.15 < full < 0.4 and 0.3 < partial < 0.6  # the issue measured about 27% full and 43% partial
+    on_rows = perturb_pixel_values(
+        original["pixel_values"], layout, "patch_blackening", torch.Generator().manual_seed(0), image_grid_thw=grid
+    )
+    full, partial = black_share(on_rows)
+    assert 0.4 < full < 0.6 and partial == 0.0
+
+
+def test_original_image_route_is_reproducible_and_keeps_the_image_without_change():
+    processor = paper_processor()
+    images = [random_image(100, 150, 3)]
+    first, again = (
+        perturb_original_images(images, processor, "patch_blackening", torch.Generator().manual_seed(1), "cpu")
+        for _ in range(2)
+    )
+    assert torch.equal(first["pixel_values"], again["pixel_values"])
+    unchanged = perturb_original_images(images, processor, "patch_blackening", None, "cpu", prob=0.0)
+    assert torch.equal(unchanged["pixel_values"], processor(images=images, return_tensors="pt")["pixel_values"])
+
+
+def test_original_image_route_converts_like_the_processor():
+    """Grey and transparent images become the same RGB tensor the processor starts from."""
+    processor = paper_processor()
+    for image in (Image.new("L", (30, 20), 90), Image.new("RGBA", (30, 20), (10, 20, 30, 0))):
+        unchanged = perturb_original_images([image], processor, "patch_blackening", None, "cpu", prob=0.0)
+        expected = processor(images=[image], return_tensors="pt")["pixel_values"]
+        assert torch.equal(unchanged["pixel_values"], expected)
+    with pytest.raises(TypeError, match="perturbation_space='pixel_values'"):
+        perturb_original_images([np.zeros((4, 4, 3))], processor, "solid", None, "cpu")

@@ -12,6 +12,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
+from vppo_trl.perturbations import perturb_original_images, perturb_pixel_values
 from vppo_trl.testing import (
     COLOUR_QUESTION,
     COLOURS,
@@ -76,11 +77,13 @@ def make_trainer(tmp_path, family="qwen2_5_vl", reward=length_reward, dataset=No
 
 
 def generation_batch(trainer: VPPOTrainer, dataset, prompts: int) -> dict:
-    """One GRPO generation batch (before VPPO), as `_generate_and_score_completions` builds it."""
+    """One GRPO generation batch (before VPPO, with the images VPPO perturbs), as the trainer builds it."""
     inputs = [dict(dataset[i]) for i in range(prompts) for _ in range(trainer.num_generations)]
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    return GRPOTrainer._generate_and_score_completions(trainer, inputs)
+    if isinstance(trainer, VPPOTrainer):
+        return trainer._generate_and_score_round(inputs)
+    return trainer._generate_and_score_completions(inputs)
 
 
 def apply_vppo(trainer: VPPOTrainer, batch: dict) -> None:
@@ -252,6 +255,35 @@ def test_skip_zero_advantage_gives_identical_results(tmp_path):
     torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
     assert trainers[True]._metrics["train"]["vppo/skipped_fraction"][-1] > 0
     assert trainers[False]._metrics["train"]["vppo/skipped_fraction"][-1] == 0
+
+
+@pytest.mark.parametrize("space", ["original_image", "pixel_values"])
+def test_perturbation_space(tmp_path, space):
+    """By default the images are perturbed as the data delivered them, then processed like the originals."""
+    dataset = make_colour_dataset(8, seed=2)
+    trainer = make_trainer(tmp_path, dataset=dataset, perturbation_space=space, max_steps=1)
+    batch = generation_batch(trainer, dataset, prompts=2)
+    seed = hash((trainer.args.seed, trainer._perturbation_round, 0)) % (2**63)
+    if space == "original_image":
+        images = [image for row in batch[trainer_module.IMAGES_KEY] for image in row]
+        assert len(images) == sum(batch["num_images"]) == 8
+        # The carried images are the batch's images: processing them again gives its pixel_values.
+        reprocessed = trainer.processing_class.image_processor(images=images, return_tensors="pt")
+        torch.testing.assert_close(reprocessed["pixel_values"], batch["pixel_values"])
+        expected = perturb_original_images(
+            images, trainer.processing_class.image_processor, "patch_blackening", torch.Generator().manual_seed(seed)
+        )["pixel_values"]
+    else:
+        assert trainer_module.IMAGES_KEY not in batch
+        expected = perturb_pixel_values(
+            batch["pixel_values"], trainer.pixel_layout, "patch_blackening", torch.Generator().manual_seed(seed),
+            image_grid_thw=batch["image_grid_thw"], patch_size=14,
+        )  # fmt: skip
+    perturbed = trainer._perturbed_pixel_values(batch)
+    assert perturbed.shape == batch["pixel_values"].shape and perturbed.dtype == batch["pixel_values"].dtype
+    torch.testing.assert_close(perturbed, expected, rtol=0, atol=0)
+    trainer.train()
+    assert trainer.state.log_history[0]["vppo/dependency_mean"] > 0
 
 
 def test_same_seed_same_perturbations(tmp_path):

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 PERTURBATIONS = ("patch_blackening", "gaussian_noise", "gaussian_blur", "solid")
+PERTURBATION_SPACES = ("original_image", "pixel_values")
 DEPENDENCY_ESTIMATORS = ("k3", "kl")
 ON_EXHAUSTED = ("continue", "raise")
 
@@ -27,6 +28,13 @@ class VPPOConfig(GRPOConfig):
             How the image is made uninformative: `"patch_blackening"` (each patch set to black with probability
             `perturbation_prob`), `"gaussian_noise"` (sigma `perturbation_noise_std`, clipped to [0, 255]),
             `"gaussian_blur"` (radius `perturbation_blur_radius`) or `"solid"` (every pixel 128).
+        perturbation_space (`str`, *optional*, defaults to `"original_image"`):
+            Where the image is perturbed. `"original_image"` (official code): on the image as the data delivers it,
+            before the processor resizes it (patches on its own grid from the top-left corner), then processed like
+            the original, on the device. `"pixel_values"`: on the processed `pixel_values`, at the resolution the
+            vision tower sees; cheaper (no second image processing), and for `"patch_blackening"` with the
+            processor's patch size a plain row mask. The two blacken the same pixels only for images whose sides are
+            multiples of twice the patch size (28 px for Qwen2.5-VL) and that the processor does not resize.
         perturbation_patch_size (`int`, *optional*, defaults to `14`):
             Side of the square patches, in pixels, for `"patch_blackening"`.
         perturbation_prob (`float`, *optional*, defaults to `0.5`):
@@ -78,6 +86,14 @@ class VPPOConfig(GRPOConfig):
     perturbation: str = field(
         default="patch_blackening",
         metadata={"help": "Image perturbation.", "choices": list(PERTURBATIONS)},
+    )
+    perturbation_space: str = field(
+        default="original_image",
+        metadata={
+            "help": "Where the image is perturbed: 'original_image' (before the processor resizes it, official code) "
+            "or 'pixel_values' (the processed pixels the vision tower sees; faster).",
+            "choices": list(PERTURBATION_SPACES),
+        },
     )
     perturbation_patch_size: int = field(
         default=14, metadata={"help": "Patch side in pixels for the 'patch_blackening' perturbation."}
@@ -148,6 +164,11 @@ class VPPOConfig(GRPOConfig):
         # VPPO's own fields first, so that their errors are not hidden behind the hardware checks of the parent.
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation={self.perturbation!r} is not supported; choose one of {PERTURBATIONS}.")
+        if self.perturbation_space not in PERTURBATION_SPACES:
+            raise ValueError(
+                f"perturbation_space={self.perturbation_space!r} is not supported; "
+                f"choose one of {PERTURBATION_SPACES}."
+            )
         if self.dependency_estimator not in DEPENDENCY_ESTIMATORS:
             raise ValueError(
                 f"dependency_estimator={self.dependency_estimator!r} is not supported; "

@@ -195,9 +195,14 @@ class DynamicSamplingMixin:
             self._round_rewards = rewards_per_func  # [global batch, reward functions], all processes
         return rewards_per_func
 
+    def _generate_and_score_round(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
+        """One round of GRPO's generation and scoring; subclasses add per-completion fields here, which then follow
+        the completions they belong to (a list or tensor with one entry per completion)."""
+        return super()._generate_and_score_completions(inputs)
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         if not (self.args.dynamic_sampling and self.model.training):
-            return super()._generate_and_score_completions(inputs)
+            return self._generate_and_score_round(inputs)
         args = self.args
         target = len(inputs) // self.num_generations  # groups per process
         informative_pieces: list[dict[str, Any]] = []
@@ -206,7 +211,7 @@ class DynamicSamplingMixin:
         out_of_data = False
         batch = inputs
         while True:
-            output = super()._generate_and_score_completions(batch)
+            output = self._generate_and_score_round(batch)
             informative = self._informative_groups(len(batch))
             generated += len(informative)
             informative_generated += int(informative.sum())

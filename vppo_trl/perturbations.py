@@ -1,15 +1,24 @@
-"""Image perturbations that make an image uninformative, applied to the tensors the vision tower sees.
+"""Image perturbations that make an image uninformative, applied on the device.
 
-The perturbations work in image space (0-255 RGB, at the resolution the processor produced) on the device, with no
-round trip through PIL. [`PixelLayout`] converts between a processor's `pixel_values` and images, so a perturbed
-batch keeps exactly the token layout of the original one (same image size, same grid).
+Two places to perturb, both keeping exactly the token layout of the original batch (same image size, same grid):
+
+- [`perturb_original_images`] (the official code's way, the default): the images as the data delivers them, before the
+  processor resizes them, then processed exactly like the originals.
+- [`perturb_pixel_values`]: the processed `pixel_values`, in image space at the resolution the vision tower sees.
+  [`PixelLayout`] converts between a processor's `pixel_values` and images. Cheaper (no second image processing).
+
+Both work in image space (0-255 RGB) on the device, with no round trip through PIL.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import PIL.Image
 import torch
 from torchvision.transforms.v2 import functional as F
+from transformers.image_transforms import convert_to_rgb
 
 SOLID_GREY = 128.0
 
@@ -190,3 +199,60 @@ def blacken_patch_rows(
     black_row = black.repeat_interleave(pixel_values.size(-1) // channels)
     blacken = torch.rand(pixel_values.size(0), generator=generator, device=pixel_values.device) < prob
     return torch.where(blacken.unsqueeze(-1), black_row, pixel_values)
+
+
+def image_tensor(image: PIL.Image.Image, image_processor) -> torch.Tensor:
+    """A PIL image as the `[C, H, W]` uint8 tensor the image processor itself starts from (same RGB conversion)."""
+    if not isinstance(image, PIL.Image.Image):
+        raise TypeError(
+            f"perturbation_space='original_image' needs PIL images in the training data, got {type(image).__name__}; "
+            "use perturbation_space='pixel_values'."
+        )
+    if getattr(image_processor, "do_convert_rgb", True):
+        array = convert_to_rgb(image, return_numpy=True)  # alpha composited on white, as the processor does
+    else:
+        array = np.asarray(image)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def perturb_original_images(
+    images: Sequence[PIL.Image.Image],
+    image_processor,
+    kind: str,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    **perturbation_kwargs,
+) -> dict[str, torch.Tensor]:
+    """
+    Perturb images as the data delivers them, before any resizing, and process them exactly like the originals.
+
+    This is the official VPPO code's operation (14-px squares blackened on the loaded image, then the processor's
+    resize), done on `device`: each group of same-size images is uploaded once as uint8, perturbed there, brought back
+    to 8-bit values as the official PIL images are (noise truncated, like its `astype(np.uint8)`; blur rounded, like
+    PIL's filter), and handed to the (torchvision) image processor on the same device. A perturbed image has its
+    original's size, so the processor gives it the same resize and token grid.
+
+    Args:
+        images: the images in batch order (every image of every completion, each completion's in order).
+        image_processor: the processor's image processor (its defaults are those it applied to the originals).
+        kind, generator, perturbation_kwargs: as in [`perturb_images`]; each image gets its own draw.
+        device: where the work is done (where the model's inputs are).
+
+    Returns:
+        The image processor's output (`pixel_values`, and `image_grid_thw` for Qwen-VL processors).
+    """
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    tensors = [image_tensor(image, image_processor) for image in images]
+    for index, tensor in enumerate(tensors):
+        by_size.setdefault(tuple(tensor.shape), []).append(index)
+    perturbed: list[torch.Tensor | None] = [None] * len(tensors)
+    for indices in by_size.values():
+        batch = torch.stack([tensors[i] for i in indices]).to(device).float()
+        batch = perturb_images(batch, kind, generator, **perturbation_kwargs)
+        if kind == "gaussian_blur":
+            batch = batch.round()
+        batch = batch.clamp(0.0, 255.0).to(torch.uint8)
+        for i, image in zip(indices, batch, strict=True):
+            perturbed[i] = image
+    return dict(image_processor(images=perturbed, return_tensors="pt", device=device))

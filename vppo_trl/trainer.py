@@ -26,12 +26,14 @@ from .core import (
 )
 from .dynamic_sampling import DynamicSamplingMixin
 from .model_card import append_vppo_section
-from .perturbations import PixelLayout, perturb_pixel_values
+from .perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
 
 logger = logging.get_logger(__name__)
 
 # Batch keys of a generation batch whose TGF and TAS wait for the loss's forward pass (see `_defers_original_logps`).
 DEFERRED_KEY = "vppo_perturbed_logps"
+# Batch key of each completion's images as the data delivered them (perturbation_space="original_image").
+IMAGES_KEY = "vppo_images"
 # Per-sample tensors of a generation batch that a sub-batch of rows must carry along.
 PER_SAMPLE_KEYS = ("token_type_ids", "mm_token_type_ids", "pixel_attention_mask")
 # Image layouts the perturbation cannot rebuild (tiled or position-indexed pixels).
@@ -95,6 +97,7 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         self._loss_inputs: dict[str, Any] | None = None  # the inputs of the loss being computed
         self._policy_logps: torch.Tensor | None = None
         self._warned_without_images = False
+        self._warned_image_mismatch = False
         columns = getattr(self.train_dataset, "column_names", None)
         if columns is not None and "images" not in columns and "image" not in columns:
             self._warn_without_images()
@@ -133,6 +136,21 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             # TRL marks a text-only prompt's images None, which processors reject in a batch mixing text and images.
             images = [prompt_images or [] for prompt_images in images]
         return prompt_ids, images, multimodal_fields
+
+    def _generate_and_score_round(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
+        output = super()._generate_and_score_round(inputs)
+        if self.args.perturbation_space == "original_image" and output.get("num_images") is not None:
+            images = completion_images(inputs)
+            if [len(row) for row in images] == list(output["num_images"]):
+                output[IMAGES_KEY] = images
+            elif not self._warned_image_mismatch:
+                # Tool calls can add images to a completion: only the processed pixels hold all of them.
+                logger.warning(
+                    "The batch's images are not those of the training data (tool images?): perturbing the processed "
+                    "pixel_values instead (perturbation_space='pixel_values')."
+                )
+                self._warned_image_mismatch = True
+        return output
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         output = super()._generate_and_score_completions(inputs)
@@ -269,22 +287,44 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         return [i for i, n in enumerate(batch.get("num_images") or []) if n]
 
     def _perturbed_pixel_values(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Every image of the generation batch perturbed, with a draw seeded by trainer seed, round and process."""
+        """
+        Every image of the generation batch perturbed, with a draw seeded by trainer seed, round and process.
+
+        On the images as the data delivered them when the batch carries them (`perturbation_space="original_image"`),
+        otherwise on the processed `pixel_values`. Either way the result has the batch's layout, shape and dtype.
+        """
         pixel_values = batch["pixel_values"]
         seed = hash((self.args.seed, self._perturbation_round, self.accelerator.process_index)) % (2**63)
         generator = torch.Generator(device=pixel_values.device).manual_seed(seed)
         args = self.args
-        return perturb_pixel_values(
-            pixel_values,
-            self.pixel_layout,
-            args.perturbation,
-            generator,
-            image_grid_thw=batch.get("image_grid_thw"),
-            patch_size=args.perturbation_patch_size,
-            prob=args.perturbation_prob,
-            noise_std=args.perturbation_noise_std,
-            blur_radius=args.perturbation_blur_radius,
+        kwargs = {
+            "patch_size": args.perturbation_patch_size,
+            "prob": args.perturbation_prob,
+            "noise_std": args.perturbation_noise_std,
+            "blur_radius": args.perturbation_blur_radius,
+        }
+        if IMAGES_KEY not in batch:
+            return perturb_pixel_values(
+                pixel_values,
+                self.pixel_layout,
+                args.perturbation,
+                generator,
+                image_grid_thw=batch.get("image_grid_thw"),
+                **kwargs,
+            )
+        images = [image for row in batch[IMAGES_KEY] for image in row]
+        processed = perturb_original_images(
+            images, self.processing_class.image_processor, args.perturbation, generator, pixel_values.device, **kwargs
         )
+        grid = batch.get("image_grid_thw")
+        if processed["pixel_values"].shape != pixel_values.shape or (
+            grid is not None and not torch.equal(processed["image_grid_thw"].to(grid.device), grid)
+        ):
+            raise RuntimeError(
+                "The perturbed images do not have the original batch's token layout (the processor was called with "
+                "other settings for the batch?); set perturbation_space='pixel_values'."
+            )
+        return processed["pixel_values"].to(pixel_values.dtype)
 
     def _select_rows(self, batch: dict[str, Any], rows: Sequence[int]) -> dict:
         """Model inputs for the completions `rows` of a generation batch (prompt + completion)."""
@@ -497,6 +537,13 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         self._metrics[mode]["vppo/entropy_penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
         return loss + self.args.entropy_penalty_coef * penalty / accumulation
+
+
+def completion_images(inputs: list[dict[str, Any]]) -> list[list[Any]]:
+    """Each completion's images as the data delivers them (`images` or `image` column), as GRPOTrainer reads them."""
+    if "images" in inputs[0]:
+        return [list(example.get("images") or []) for example in inputs]
+    return [[example["image"]] if example.get("image") is not None else [] for example in inputs]
 
 
 def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
