@@ -398,6 +398,31 @@ def test_lora(tmp_path, estimator):
     assert "vppo/dependency_mean" in trainer.state.log_history[0]
 
 
+@pytest.mark.parametrize("overrides", [{}, {"num_iterations": 2}], ids=["on_policy", "old_logps"])
+def test_dropout_is_not_visual_dependency(tmp_path, overrides):
+    """Both passes are scored in eval mode: with LoRA dropout, an unperturbed image has dependency exactly 0."""
+    from peft import LoraConfig
+
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    assert not trainer_module.has_dropout(model)
+    trainer = VPPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=vppo_args(tmp_path, perturbation_prob=0.0, skip_zero_advantage=False, **overrides),
+        train_dataset=make_colour_dataset(16, seed=1),
+        processing_class=processor,
+        # Random LoRA B (not zeros), so that the adapters, and their dropout, act from the first step.
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
+    assert trainer_module.has_dropout(trainer.model)
+    trainer.train()
+    dependencies = [log["vppo/dependency_mean"] for log in trainer.state.log_history if "vppo/dependency_mean" in log]
+    assert dependencies and all(value == 0.0 for value in dependencies)
+    assert trainer.model.training  # the train/eval mode is given back
+
+
 def test_save_reload_and_resume(tmp_path):
     trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1, max_steps=2)
     trainer.train()
@@ -472,6 +497,7 @@ def test_config_rejects_bad_values():
         "entropy_penalty_coef": (-0.1, "entropy_penalty_coef"),
         "perturbation_prob": (1.5, "perturbation_prob"),
         "perturbation_patch_size": (0, "perturbation_patch_size"),
+        "perturbation_space": ("patches", "perturbation_space=.patches. is not supported"),
     }
     for field, (value, message) in cases.items():
         with pytest.raises(ValueError, match=message):

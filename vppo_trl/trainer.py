@@ -1,9 +1,10 @@
 """VPPOTrainer: GRPO whose policy gradient is focused on the tokens and trajectories that depend on the image."""
 
+import contextlib
 import os
 import textwrap
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -98,6 +99,8 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         self._policy_logps: torch.Tensor | None = None
         self._warned_without_images = False
         self._warned_image_mismatch = False
+        # With dropout, train-mode forwards are random: VPPO scores in eval mode and cannot reuse train-mode log-probs.
+        self._has_dropout = has_dropout(self.model)
         columns = getattr(self.train_dataset, "column_names", None)
         if columns is not None and "images" not in columns and "image" not in columns:
             self._warn_without_images()
@@ -202,9 +205,11 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         True for `k3` in TRL's on-policy configuration (no `old_per_token_logps`) when each generation batch feeds
         exactly one loss call (`steps_per_generation == 1`, `num_iterations == 1`): that forward scores the batch with
         the generating policy, as TRL itself assumes when it uses `per_token_logps.detach()` as the old log-probs.
+        Never with dropout: the loss's forward runs in train mode, the perturbed pass in eval mode.
         """
         return (
             self.args.dependency_estimator == "k3"
+            and not self._has_dropout
             and "old_per_token_logps" not in batch
             and self.args.steps_per_generation == 1
             and self.num_iterations == 1
@@ -277,7 +282,12 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         logits_to_keep = mask.size(1)
         if measure is None:
             measure = self._k3_dependency if self.args.dependency_estimator == "k3" else self._kl_dependency
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        # Both passes in eval mode (no dropout), as the official code scores them.
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            eval_mode(self.model),
+        ):
             measured = measure(batch, perturbed, measured_rows, mask, logits_to_keep)
         if rows:
             dependency[rows] = measured[: len(rows)]
@@ -388,8 +398,9 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
 
     def _k3_dependency(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
         index = torch.tensor(rows, device=mask.device, dtype=torch.long)
-        if "old_per_token_logps" in batch:
-            # TRL already scored the batch with the generating policy: reuse it, one forward pass saved.
+        if "old_per_token_logps" in batch and not self._has_dropout:
+            # TRL already scored the batch with the generating policy: reuse it, one forward pass saved (TRL scores
+            # in train mode, which only differs from eval mode with dropout).
             logps = batch["old_per_token_logps"][index]
         else:
             logps = self._sampled_token_logps(self._select_rows(batch, rows), logits_to_keep)
@@ -537,6 +548,37 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         self._metrics[mode]["vppo/entropy_penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
         return loss + self.args.entropy_penalty_coef * penalty / accumulation
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a train-mode forward of `model` is random: a dropout layer (LoRA's included) or attention dropout."""
+    dropout_layers = (
+        torch.nn.Dropout,
+        torch.nn.Dropout1d,
+        torch.nn.Dropout2d,
+        torch.nn.Dropout3d,
+        torch.nn.AlphaDropout,
+        torch.nn.FeatureAlphaDropout,
+    )
+    for module in model.modules():
+        attention_dropout = getattr(module, "attention_dropout", None)  # a probability in transformers' attention
+        if (isinstance(module, dropout_layers) and module.p > 0) or (
+            isinstance(attention_dropout, float | int) and attention_dropout > 0
+        ):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run `model` in eval mode inside the block, then give every module back its own train/eval mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def completion_images(inputs: list[dict[str, Any]]) -> list[list[Any]]:
