@@ -165,3 +165,38 @@ def test_entropy_penalty():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     assert entropy_penalty(logps, mask).item() == pytest.approx(7.0 / 5)
     assert entropy_penalty(logps, torch.zeros(2, 3)).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "normalizer", "expected"),
+    [
+        ("bnpo", None, 7.0 / 5),  # token mean of the batch
+        ("grpo", None, (4.0 / 2 + 3.0 / 3) / 2),  # mean of per-completion token means
+        ("sapo", None, (4.0 / 2 + 3.0 / 3) / 2),
+        ("dr_grpo", 4, 7.0 / (2 * 4)),  # token sum / (completions x max completion length)
+        ("dapo", 10, 7.0 / 10),  # token sum / the accumulated batch's token count
+        ("cispo", 10, 7.0 / 10),
+        ("vespo", torch.tensor(10.0), 7.0 / 10),
+        ("luspo", None, (4.0 + 3.0) / 2),  # mean of per-completion token sums
+    ],
+)
+def test_entropy_penalty_follows_the_loss_type(loss_type, normalizer, expected):
+    logps = torch.tensor([[-1.0, -3.0, -100.0], [-2.0, -0.5, -0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert entropy_penalty(logps, mask, loss_type, normalizer).item() == pytest.approx(expected)
+
+
+def test_entropy_penalty_micro_batches_add_up_to_the_batch_token_mean():
+    """dapo: each micro-batch divides by the whole batch's token count, so their sum is the batch's token mean."""
+    logps = torch.randn(6, 5, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [0] * 5])
+    total = mask.sum()
+    summed = sum(entropy_penalty(logps[rows], mask[rows], "dapo", total) for rows in (slice(0, 2), slice(2, 6)))
+    torch.testing.assert_close(summed, entropy_penalty(logps, mask, "bnpo"))
+
+
+def test_entropy_penalty_errors():
+    with pytest.raises(ValueError, match="needs the normalizer"):
+        entropy_penalty(torch.zeros(1, 2), torch.ones(1, 2), "dapo")
+    with pytest.raises(ValueError, match="Unknown loss_type"):
+        entropy_penalty(torch.zeros(1, 2), torch.ones(1, 2), "ppo", 1)

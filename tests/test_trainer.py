@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM, set_seed
+from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 import vppo_trl.trainer as trainer_module
@@ -378,6 +378,67 @@ def test_entropy_penalty_changes_loss_by_its_value(tmp_path):
     penalty = trainer._metrics["train"]["vppo/entropy_penalty"][-1]
     assert penalty > 0
     assert (with_penalty - without).item() == pytest.approx(0.5 * penalty, rel=1e-5)
+
+
+def constant_reward(completions, **kwargs) -> list[float]:
+    return [1.0] * len(completions)
+
+
+def test_entropy_penalty_gradient_is_the_token_mean_across_gradient_accumulation(tmp_path):
+    """dapo, 2 accumulation steps: the penalty's gradient is that of -mean(log p) over all tokens of the generation
+    batch (official: a token mean over the mini-batch), not the mean of the micro-batches' means."""
+    captured = {"micro_batch_tokens": []}
+    trainer = make_trainer(
+        tmp_path,
+        reward=constant_reward,  # zero advantages: the policy loss has no gradient, the penalty is all of it
+        loss_type="dapo",
+        entropy_penalty_coef=1.0,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        max_steps=1,
+        max_grad_norm=0.0,
+        max_completion_length=8,
+        bf16=False,  # the reference gradient below is computed in float32
+    )
+    generate, compute_loss = trainer._generate_and_score_completions, trainer._compute_loss
+
+    def record_batch(inputs):
+        captured["batch"] = copy.deepcopy(generate(inputs))
+        return copy.deepcopy(captured["batch"])
+
+    def record_tokens(model, inputs):
+        captured["micro_batch_tokens"].append(int(inputs["completion_mask"].sum()))
+        return compute_loss(model, inputs)
+
+    class GradientCallback(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            captured["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    trainer._generate_and_score_completions, trainer._compute_loss = record_batch, record_tokens
+    trainer.add_callback(GradientCallback())
+    initial_weights = copy.deepcopy(trainer.model.state_dict())
+    trainer.train()
+    trainer.model.load_state_dict(initial_weights)  # the gradient was taken at these weights
+    tokens = captured["micro_batch_tokens"]
+    assert len(tokens) == 2 and tokens[0] != tokens[1]  # unequal micro-batches: the two weightings differ
+
+    batch = captured["batch"]
+    mask = batch["completion_mask"]
+    trainer.model.zero_grad()
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model,
+        torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+        torch.cat([batch["prompt_mask"], mask], dim=1),
+        mask.size(1),
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        num_images=batch["num_images"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+    )
+    (-(logps * mask).sum() / mask.sum()).backward()
+    assert captured["grads"]
+    for name, grad in captured["grads"].items():
+        torch.testing.assert_close(grad, dict(trainer.model.named_parameters())[name].grad, msg=name)
 
 
 @pytest.mark.parametrize("estimator", ["k3", "kl"])

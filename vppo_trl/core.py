@@ -152,11 +152,46 @@ def advantage_scales(
     return torch.where(valid, scales, ones)
 
 
-def entropy_penalty(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+# GRPO loss types whose loss is a token sum divided by a token count that the caller supplies (TRL's
+# `num_items_in_batch`, rescaled to one accumulation window): a token mean over the whole accumulated batch.
+TOKEN_SUM_LOSS_TYPES = ("dapo", "cispo", "vespo")
+
+
+def entropy_penalty(
+    logps: torch.Tensor, mask: torch.Tensor, loss_type: str = "bnpo", normalizer: float | torch.Tensor | None = None
+) -> torch.Tensor:
     """
-    Sampled-token entropy estimate `-sum(logp * mask) / sum(mask)` over all valid completion tokens (paper App. E).
+    Sampled-token entropy estimate `-logp` over the valid completion tokens, aggregated as GRPO aggregates its
+    per-token loss for `loss_type` (paper App. E; the official code adds it to its token-mean loss, so both weigh
+    tokens alike).
 
     Added to the loss with a positive coefficient it lowers the policy's entropy, which keeps VPPO from collapsing.
+
+    Args:
+        logps: `[B, T]` log-probs of the sampled tokens under the current policy.
+        mask: `[B, T]` completion mask.
+        loss_type: GRPO's loss type. `"grpo"`, `"sapo"`: mean over completions of each one's token mean; `"bnpo"`:
+            token mean over this batch; `"dr_grpo"`: token sum / (B x `normalizer`); `"dapo"`, `"cispo"`, `"vespo"`:
+            token sum / `normalizer`; `"luspo"`: mean over completions of each one's token sum.
+        normalizer: for `"dr_grpo"`, the maximum completion length; for `"dapo"`, `"cispo"`, `"vespo"`, the token
+            count the loss divides by (the whole accumulated batch's, so that micro-batch penalties add up to its
+            token mean). Unused otherwise.
+
+    Returns:
+        A scalar tensor.
     """
     mask = mask.to(logps.dtype)
-    return -(logps * mask).sum() / mask.sum().clamp(min=1.0)
+    negative_logps = -(logps * mask)
+    if loss_type in ("grpo", "sapo"):
+        return (negative_logps.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return negative_logps.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "luspo":
+        return negative_logps.sum(-1).mean()
+    if loss_type not in (*TOKEN_SUM_LOSS_TYPES, "dr_grpo"):
+        raise ValueError(f"Unknown loss_type {loss_type!r}.")
+    if normalizer is None:
+        raise ValueError(f"loss_type={loss_type!r} needs the normalizer its loss divides by.")
+    if loss_type == "dr_grpo":
+        return negative_logps.sum() / (logps.size(0) * normalizer)
+    return negative_logps.sum() / normalizer

@@ -18,6 +18,7 @@ from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
 from .config import VPPOConfig
 from .core import (
+    TOKEN_SUM_LOSS_TYPES,
     advantage_scales,
     entropy_penalty,
     kl_token_dependency,
@@ -543,11 +544,20 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             )
         if self.args.entropy_penalty_coef == 0.0:
             return loss
-        penalty = entropy_penalty(policy_logps, loss_mask(inputs))
+        mask = loss_mask(inputs)
         mode = "train" if self.model.training else "eval"
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        self._metrics[mode]["vppo/entropy_penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
-        return loss + self.args.entropy_penalty_coef * penalty / accumulation
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        # Normalised like GRPO's loss for this loss_type (TRL's `_compute_loss`): the token-sum types divide by the
+        # accumulated batch's token count, the others are per micro-batch and divided by the accumulation steps.
+        if self.loss_type in TOKEN_SUM_LOSS_TYPES:
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            normalizer = normalizer * accumulation / (self.args.steps_per_generation if mode == "train" else 1)
+            penalty = entropy_penalty(policy_logps, mask, self.loss_type, normalizer)
+        else:
+            penalty = entropy_penalty(policy_logps, mask, self.loss_type, self.max_completion_length) / accumulation
+        token_mean = entropy_penalty(policy_logps.detach(), mask)  # logged: mean -log p per token of this batch
+        self._metrics[mode]["vppo/entropy_penalty"].append(self.accelerator.gather(token_mean).mean().item())
+        return loss + self.args.entropy_penalty_coef * penalty
 
 
 def has_dropout(model: torch.nn.Module) -> bool:
