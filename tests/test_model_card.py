@@ -40,8 +40,8 @@ class TestSection:
         assert "[Spotlight on Token Perception for Multimodal Reinforcement Learning]" in section
         assert "(https://arxiv.org/abs/2510.09285)" in section
         assert (
-            "| Image perturbation | `patch_blackening`: 14-px patches, each blackened with probability 0.5 |"
-            in section
+            "| Image perturbation | `patch_blackening`: 14-px patches, each blackened with probability 0.5, "
+            "on the image before the processor resizes it |" in section
         )
         assert "| Dependency estimator | `k3` |" in section
         assert "| Token filter ratio (TGF) | 0.4 (" in section
@@ -56,6 +56,7 @@ class TestSection:
             tmp_path,
             perturbation="gaussian_noise",
             perturbation_noise_std=100.0,
+            perturbation_space="pixel_values",
             dependency_estimator="kl",
             token_filter_ratio=1.0,
             advantage_scale_max=1.2,
@@ -64,7 +65,10 @@ class TestSection:
             dynamic_sampling=True,
         )
         section = vppo_model_card_section(args)
-        assert "| Image perturbation | `gaussian_noise`: Gaussian noise, sigma 100.0 (0-255 pixel units) |" in section
+        assert (
+            "| Image perturbation | `gaussian_noise`: Gaussian noise, sigma 100.0 (0-255 pixel units), "
+            "on the processed pixel_values |" in section
+        )
         assert "| Dependency estimator | `kl` |" in section
         assert "| Token filter ratio (TGF) | 1.0 (off: every token gets policy gradient) |" in section
         assert "| Advantage shaping (TAS) | on: scales from 0.9 to 1.2 |" in section

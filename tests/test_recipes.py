@@ -85,6 +85,7 @@ def test_paper_recipes_follow_table_9(name):
     # VPPO: patch blackening, k3, 40% of tokens, dynamic-range TAS from 0.9
     assert (args.perturbation, args.perturbation_prob, args.dependency_estimator) == ("patch_blackening", 0.5, "k3")
     assert args.perturbation_patch_size == 14  # the official code's, for Qwen3-VL too
+    assert args.perturbation_space == "original_image"
     assert (args.token_filter_ratio, args.advantage_shaping, args.advantage_scale_min) == (0.4, True, 0.9)
     assert args.advantage_scale_max is None
     # Binary accuracy reward; ViRL39K to train, MMK12 to validate, avg@8 at temperature 1.0

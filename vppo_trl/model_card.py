@@ -30,7 +30,11 @@ def _perturbation(args: VPPOConfig) -> str:
         "gaussian_blur": f"Gaussian blur, radius {args.perturbation_blur_radius} px",
         "solid": "every pixel set to 128",
     }
-    return f"`{args.perturbation}`: {details[args.perturbation]}"
+    where = {
+        "original_image": "on the image before the processor resizes it",
+        "pixel_values": "on the processed pixel_values",
+    }
+    return f"`{args.perturbation}`: {details[args.perturbation]}, {where[args.perturbation_space]}"
 
 
 def _advantage_shaping(args: VPPOConfig) -> str:
