@@ -107,3 +107,19 @@ def test_7b_arch_config_is_qwen25_vl_7b():
     assert sum(p.numel() for p in model.parameters()) == 8_292_166_656
     assert config.text_config.vocab_size == 152064
     assert config.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+
+
+def test_perturbation_space_benchmark_runs(tmp_path):
+    """benchmarks/perturbation_space.py on two tiny batches: both routes timed, the layout recorded."""
+    script = ROOT / "benchmarks" / "perturbation_space.py"
+    out = tmp_path / "spaces.json"
+    command = [sys.executable, str(script), "--sizes", "60x90,30x30", "--prompts", "1", "--generations", "2"]
+    command += ["--reps", "1", "--json", str(out)]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["loaded_size"] for row in result["results"]] == [[60, 90], [30, 30]]
+    for row in result["results"]:
+        assert row["images"] == 2 and len(row["grid_thw"]) == 3
+        for key in ("processor_on_originals_s", "original_image_s", "pixel_values_s"):
+            assert is_time(row[key]), (key, row[key])
