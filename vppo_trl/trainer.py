@@ -15,6 +15,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
+from .checkpoints import ExactResumeMixin
 from .config import VPPOConfig
 from .core import (
     advantage_scales,
@@ -25,6 +26,7 @@ from .core import (
     trajectory_dependency,
 )
 from .dynamic_sampling import DynamicSamplingMixin
+from .guards import NonFiniteLossGuardMixin
 from .model_card import append_vppo_section
 from .perturbations import PixelLayout, perturb_pixel_values
 
@@ -41,7 +43,7 @@ UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
 KL_LOGITS_PER_CHUNK = 2**25
 
 
-class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
+class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixin, GRPOTrainer):
     """
     Trainer for Visually-Perceptive Policy Optimization (VPPO).
 
@@ -98,6 +100,13 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         columns = getattr(self.train_dataset, "column_names", None)
         if columns is not None and "images" not in columns and "image" not in columns:
             self._warn_without_images()
+
+    def _training_state(self) -> dict[str, Any]:
+        return {**super()._training_state(), "perturbation_round": self._perturbation_round}
+
+    def _restore_training_state(self, state: dict[str, Any]) -> None:
+        super()._restore_training_state(state)
+        self._perturbation_round = state["perturbation_round"]
 
     def _check_vision_model(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
