@@ -183,6 +183,7 @@ class DynamicSamplingMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._prompt_stream: PromptStream | None = None
+        self._rng_checkpoint: str | None = None
         self._round_rewards: torch.Tensor | None = None
         if self.args.dynamic_sampling:
             name = self.args.dynamic_sampling_reward
@@ -204,6 +205,14 @@ class DynamicSamplingMixin:
         finally:
             self.args.ignore_data_skip = ignore_data_skip
 
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if self.args.dynamic_sampling and checkpoint is not None and self._prompt_stream is None:
+            # The epoch's data iterator is created after this call and draws from the global RNG: restore once the
+            # prompt stream is rebuilt on it (`get_batch_samples`), as the Trainer does when it skips batches.
+            self._rng_checkpoint = checkpoint
+            return
+        super()._load_rng_state(checkpoint)
+
     def _training_state(self) -> dict[str, Any]:
         state = super()._training_state()
         stream = self._prompt_stream
@@ -224,6 +233,8 @@ class DynamicSamplingMixin:
                 resumed = (self._resumed_state or {}).get("prompt_stream") if self._prompt_stream is None else None
                 if resumed is not None:
                     self._prompt_stream = PromptStream.resume(epoch_iterator, block, **resumed)
+                    checkpoint, self._rng_checkpoint = self._rng_checkpoint, None
+                    super()._load_rng_state(checkpoint)
                 else:
                     self._prompt_stream = PromptStream(epoch_iterator, block, epoch=math.floor(self.state.epoch))
             epoch_iterator = self._prompt_stream

@@ -29,6 +29,7 @@ from .dynamic_sampling import DynamicSamplingMixin
 from .guards import NonFiniteLossGuardMixin
 from .model_card import append_vppo_section
 from .perturbations import PixelLayout, perturb_pixel_values
+from .vision_sync import VisionTowerSync
 
 logger = logging.get_logger(__name__)
 
@@ -93,6 +94,13 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             logger.info("Setting the processor's padding_side to 'left', as GRPOTrainer's prompt layout requires.")
             tokenizer.padding_side = "left"
         self.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
+        if self._forward_passes_must_match():
+            # A process without images must still run the vision tower, in step with the others.
+            self._vision_syncs = [
+                VisionTowerSync(getattr(model, "module", model), self.processing_class.image_processor)
+                for model in (self.model, self.ref_model)
+                if model is not None
+            ]
         self._perturbation_round = 0
         self._loss_inputs: dict[str, Any] | None = None  # the inputs of the loss being computed
         self._policy_logps: torch.Tensor | None = None

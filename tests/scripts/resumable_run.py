@@ -2,8 +2,9 @@
 
     python resumable_run.py OUTPUT_DIR CONFIG_JSON [--kill-at STEP | --kill-while-saving STEP] [--resume]
 
-CONFIG_JSON holds VPPOConfig overrides plus `family` (tiny model family) and `lora` (bool). The final weights are
-saved with `trainer.save_model` to OUTPUT_DIR/final (rank 0 writes them; under ZeRO-3 they are gathered first).
+CONFIG_JSON holds VPPOConfig overrides plus `family` (tiny model family), `lora` (bool) and `rows` (training
+rows). The final weights are saved with `trainer.save_model` to OUTPUT_DIR/final (rank 0 writes them; under ZeRO-3
+they are gathered first).
 """
 
 import argparse
@@ -38,7 +39,7 @@ class KillAfterSave(TrainerCallback):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
-    parser.add_argument("config", help="JSON: VPPOConfig overrides, plus 'family' and 'lora'.")
+    parser.add_argument("config", help="JSON: VPPOConfig overrides, plus 'family', 'lora' and 'rows'.")
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument(
         "--kill-while-saving", type=int, default=None, help="SIGKILL before STEP's checkpoint is marked"
@@ -57,6 +58,7 @@ def main() -> None:
     overrides = json.loads(cli.config)
     family = overrides.pop("family", "qwen2_5_vl")
     lora = overrides.pop("lora", False)
+    rows = overrides.pop("rows", 32)
     settings = dict(
         output_dir=cli.output_dir,
         per_device_train_batch_size=8,
@@ -83,7 +85,7 @@ def main() -> None:
         model=model,
         reward_funcs=half_uniform_reward,
         args=VPPOConfig(**settings),
-        train_dataset=make_colour_dataset(32, seed=3),
+        train_dataset=make_colour_dataset(rows, seed=3),
         processing_class=processor,
         peft_config=peft_config,
         callbacks=[KillAfterSave(cli.kill_at)] if cli.kill_at is not None else None,
