@@ -9,7 +9,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -29,7 +28,7 @@ from .dynamic_sampling import DynamicSamplingMixin
 from .guards import NonFiniteLossGuardMixin
 from .model_card import append_vppo_section
 from .perturbations import PixelLayout, perturb_pixel_values
-from .vision_sync import VisionTowerSync
+from .vision_sync import ImagelessProcessMixin
 
 logger = logging.get_logger(__name__)
 
@@ -44,7 +43,7 @@ UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
 KL_LOGITS_PER_CHUNK = 2**25
 
 
-class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixin, GRPOTrainer):
+class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixin, ImagelessProcessMixin, GRPOTrainer):
     """
     Trainer for Visually-Perceptive Policy Optimization (VPPO).
 
@@ -94,13 +93,6 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             logger.info("Setting the processor's padding_side to 'left', as GRPOTrainer's prompt layout requires.")
             tokenizer.padding_side = "left"
         self.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
-        if self._forward_passes_must_match():
-            # A process without images must still run the vision tower, in step with the others.
-            self._vision_syncs = [
-                VisionTowerSync(getattr(model, "module", model), self.processing_class.image_processor)
-                for model in (self.model, self.ref_model)
-                if model is not None
-            ]
         self._perturbation_round = 0
         self._loss_inputs: dict[str, Any] | None = None  # the inputs of the loss being computed
         self._policy_logps: torch.Tensor | None = None
@@ -243,10 +235,6 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
         else:
             batch["advantages"] = shaped
         self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
-
-    def _forward_passes_must_match(self) -> bool:
-        """Whether every process must run the same forward passes (sharded parameters are gathered collectively)."""
-        return self.accelerator.num_processes > 1 and (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
 
     def _visual_dependency(
         self, batch: dict[str, Any], rows: list[int], mask: torch.Tensor, measure: Callable | None = None
