@@ -273,3 +273,15 @@ def test_missing_recipe_file(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", "no-such-recipe.yaml"])
     assert "No such file or directory: 'no-such-recipe.yaml'" in capsys.readouterr().err
+
+
+def test_resume_from_the_command_line(tmp_path):
+    """`--resume_from_checkpoint true` continues from the newest complete checkpoint of --output_dir."""
+    output_dir = tmp_path / "run"
+    common = ["--config", str(CPU_DEMO), *QUICK, "--output_dir", str(output_dir), "--save_strategy", "steps"]
+    first = main([*common, "--save_steps", "1", "--seed", "1"])
+    losses = [entry["loss"] for entry in first.state.log_history if "loss" in entry]
+    # Another seed: a run that started afresh instead of resuming would log other losses for steps 1 and 2.
+    resumed = main([*common, "--max_steps", "3", "--seed", "2", "--resume_from_checkpoint", "true"])
+    assert resumed.state.global_step == 3
+    assert [entry["loss"] for entry in resumed.state.log_history if "loss" in entry][:2] == losses

@@ -484,7 +484,7 @@ def test_dropout_is_not_visual_dependency(tmp_path, overrides):
     assert trainer.model.training  # the train/eval mode is given back
 
 
-def test_save_reload_and_resume(tmp_path):
+def test_save_and_reload(tmp_path):
     trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1, max_steps=2)
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
@@ -494,10 +494,7 @@ def test_save_reload_and_resume(tmp_path):
     reloaded = AutoModelForImageTextToText.from_pretrained(checkpoint)
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], value, msg=name)
-    resumed = make_trainer(tmp_path, save_strategy="steps", save_steps=1, max_steps=3)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.state.global_step == 3
-    assert (tmp_path / "out" / "checkpoint-3").exists()
+    # Resuming is tested against uninterrupted runs, weight for weight, in test_reliability_resume.py.
 
 
 def test_mixed_text_and_image_samples_several_images_and_sizes(tmp_path):

@@ -62,6 +62,10 @@ class VPPOConfig(GRPOConfig):
         skip_zero_advantage (`bool`, *optional*, defaults to `True`):
             Whether to skip the perturbed forward pass for completions whose advantage is exactly 0: their loss cannot
             change. Results are identical either way.
+        max_consecutive_nonfinite_steps (`int`, *optional*, defaults to `5`):
+            A loss that is NaN or infinite (fp16 overflow, a corrupt sample) is never back-propagated: the step is
+            skipped with a warning and counted in `vppo/nonfinite_loss_steps`. After this many skipped steps in a
+            row, training stops with an error (the checkpoints already written are kept).
         dynamic_sampling (`bool`, *optional*, defaults to `False`):
             DAPO's dynamic sampling, the paper's base algorithm: prompt groups whose rewards carry no learning signal
             are dropped and more prompts, the next ones of the training data, are generated until every process holds
@@ -134,6 +138,10 @@ class VPPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Skip the perturbed pass for completions whose advantage is exactly 0 (same results)."},
     )
+    max_consecutive_nonfinite_steps: int = field(
+        default=5,
+        metadata={"help": "Stop training after this many consecutive steps skipped for a NaN or infinite loss."},
+    )
     dynamic_sampling: bool = field(
         default=False,
         metadata={"help": "Drop prompt groups without learning signal and generate more prompts to fill the batch."},
@@ -198,6 +206,8 @@ class VPPOConfig(GRPOConfig):
             )
         if self.entropy_penalty_coef < 0:
             raise ValueError(f"entropy_penalty_coef={self.entropy_penalty_coef} must be >= 0.")
+        if self.max_consecutive_nonfinite_steps < 1:
+            raise ValueError(f"max_consecutive_nonfinite_steps={self.max_consecutive_nonfinite_steps} must be >= 1.")
         if self.dynamic_sampling_on_exhausted not in ON_EXHAUSTED:
             raise ValueError(
                 f"dynamic_sampling_on_exhausted={self.dynamic_sampling_on_exhausted!r} is not supported; "

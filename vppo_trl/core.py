@@ -45,7 +45,8 @@ def kl_token_dependency(
     """
     Full-vocabulary visual dependency, KL(pi(.|image) || pi(.|perturbed image)) per position (paper Def. 3.1).
 
-    Computed in float32. Callers bound memory by passing a chunk of positions at a time.
+    Computed in float32. Callers bound memory by passing a chunk of positions at a time. A position whose logits are
+    not finite (fp16 overflow, a corrupt image) gets 0, never NaN or infinity.
 
     Args:
         logits: `[..., V]` logits given the image (already divided by the sampling temperature).
@@ -58,6 +59,7 @@ def kl_token_dependency(
     logp = torch.log_softmax(logits.float(), dim=-1)
     perturbed_logp = torch.log_softmax(perturbed_logits.float(), dim=-1)
     kl = torch.sum(logp.exp() * (logp - perturbed_logp), dim=-1).clamp(min=0.0)
+    kl = torch.where(torch.isfinite(kl), kl, torch.zeros_like(kl))
     if mask is not None:
         kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
     return kl

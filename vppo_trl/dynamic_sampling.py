@@ -62,6 +62,25 @@ class PromptStream:
         self.consumed += 1
         return item
 
+    def position(self) -> dict[str, int]:
+        """Where the stream is in the data, enough to rebuild it on a fresh iterator of the same epoch."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "pending": len(self._pending)}
+
+    @classmethod
+    def resume(cls, source: Iterator, block: int, epoch: int, consumed: int, pending: int) -> "PromptStream":
+        """
+        The stream at a saved `position()`, on a fresh iterator that yields the same items as the saved one.
+
+        The pending copies only pace the Trainer's steps (GRPO generates on the first copy of a block), so the last
+        items pulled serve as well as the original ones.
+        """
+        stream = cls(source, block, epoch)
+        for _ in range(consumed):
+            item = stream._pull()
+            if consumed - stream.consumed < pending:
+                stream._pending.append(item)
+        return stream
+
     def draw(self) -> Any | None:
         """The next generation batch of the data, or `None` when the epoch has no more."""
         try:
@@ -164,6 +183,7 @@ class DynamicSamplingMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._prompt_stream: PromptStream | None = None
+        self._rng_checkpoint: str | None = None
         self._round_rewards: torch.Tensor | None = None
         if self.args.dynamic_sampling:
             name = self.args.dynamic_sampling_reward
@@ -173,6 +193,31 @@ class DynamicSamplingMixin:
                     f"{self.reward_func_names}; use one of them, or 'total' for their weighted sum."
                 )
             self.add_callback(_EpochProgressCallback(self))
+
+    def train(self, *args, **kwargs):
+        if not self.args.dynamic_sampling:
+            return super().train(*args, **kwargs)
+        # An epoch takes a data-dependent number of steps, so the step count cannot tell how far into the data a
+        # checkpoint was: the prompt stream repositions itself from the saved state instead of the Trainer's skip.
+        ignore_data_skip, self.args.ignore_data_skip = self.args.ignore_data_skip, True
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.ignore_data_skip = ignore_data_skip
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if self.args.dynamic_sampling and checkpoint is not None and self._prompt_stream is None:
+            # The epoch's data iterator is created after this call and draws from the global RNG: restore once the
+            # prompt stream is rebuilt on it (`get_batch_samples`), as the Trainer does when it skips batches.
+            self._rng_checkpoint = checkpoint
+            return
+        super()._load_rng_state(checkpoint)
+
+    def _training_state(self) -> dict[str, Any]:
+        state = super()._training_state()
+        stream = self._prompt_stream
+        state["prompt_stream"] = None if stream is None else stream.position()
+        return state
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -185,7 +230,13 @@ class DynamicSamplingMixin:
         if self.args.dynamic_sampling:
             if self._prompt_stream is None or self._prompt_stream.source is not epoch_iterator:
                 block = self.args.steps_per_generation * self.args.num_iterations
-                self._prompt_stream = PromptStream(epoch_iterator, block, epoch=math.floor(self.state.epoch))
+                resumed = (self._resumed_state or {}).get("prompt_stream") if self._prompt_stream is None else None
+                if resumed is not None:
+                    self._prompt_stream = PromptStream.resume(epoch_iterator, block, **resumed)
+                    checkpoint, self._rng_checkpoint = self._rng_checkpoint, None
+                    super()._load_rng_state(checkpoint)
+                else:
+                    self._prompt_stream = PromptStream(epoch_iterator, block, epoch=math.floor(self.state.epoch))
             epoch_iterator = self._prompt_stream
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 

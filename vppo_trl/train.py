@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> VPPOTrainer:
     )
     _report_data(trainer, reports)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    # `--resume_from_checkpoint true` (as in TRL's scripts) means the newest complete checkpoint of output_dir.
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     trainer.accelerator.print("✅ Training completed.")
 
     trainer.save_model(training_args.output_dir)

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
+from .checkpoints import ExactResumeMixin
 from .config import VPPOConfig
 from .core import (
     TOKEN_SUM_LOSS_TYPES,
@@ -27,8 +27,10 @@ from .core import (
     trajectory_dependency,
 )
 from .dynamic_sampling import DynamicSamplingMixin
+from .guards import NonFiniteLossGuardMixin
 from .model_card import append_vppo_section
 from .perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
+from .vision_sync import ImagelessProcessMixin
 
 logger = logging.get_logger(__name__)
 
@@ -45,7 +47,7 @@ UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
 KL_LOGITS_PER_CHUNK = 2**25
 
 
-class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
+class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixin, ImagelessProcessMixin, GRPOTrainer):
     """
     Trainer for Visually-Perceptive Policy Optimization (VPPO).
 
@@ -105,6 +107,13 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         columns = getattr(self.train_dataset, "column_names", None)
         if columns is not None and "images" not in columns and "image" not in columns:
             self._warn_without_images()
+
+    def _training_state(self) -> dict[str, Any]:
+        return {**super()._training_state(), "perturbation_round": self._perturbation_round}
+
+    def _restore_training_state(self, state: dict[str, Any]) -> None:
+        super()._restore_training_state(state)
+        self._perturbation_round = state["perturbation_round"]
 
     def _check_vision_model(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -250,10 +259,6 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         else:
             batch["advantages"] = shaped
         self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
-
-    def _forward_passes_must_match(self) -> bool:
-        """Whether every process must run the same forward passes (sharded parameters are gathered collectively)."""
-        return self.accelerator.num_processes > 1 and (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
 
     def _visual_dependency(
         self, batch: dict[str, Any], rows: list[int], mask: torch.Tensor, measure: Callable | None = None

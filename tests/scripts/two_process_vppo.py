@@ -4,6 +4,7 @@ import json
 import sys
 
 import torch
+from datasets import Dataset
 
 import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
@@ -15,7 +16,18 @@ def half_uniform_reward(completions, answer, **kwargs) -> list[float]:
     return [1.0 if a in ("red", "green") else float(len(str(c)) % 3) for c, a in zip(completions, answer, strict=True)]
 
 
-def main(output_path: str, estimator: str) -> None:
+def alternating_text_dataset(rows: int) -> Dataset:
+    """Rows in pairs: two with an image, then two text-only; unshuffled, so one process gets only text each step."""
+    images = make_colour_dataset(rows // 2, seed=3)
+    records = []
+    for start in range(0, rows // 2, 2):
+        records += [dict(images[start + offset]) for offset in range(2)]
+        text = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}]
+        records += [{"prompt": text, "images": [], "answer": "red"}] * 2
+    return Dataset.from_list(records)
+
+
+def main(output_path: str, estimator: str, data: str) -> None:
     records = []
     original_scales = trainer_module.advantage_scales
 
@@ -25,6 +37,14 @@ def main(output_path: str, estimator: str) -> None:
         return scales
 
     trainer_module.advantage_scales = recording_scales
+    images_per_step = []
+    original_apply = trainer_module.VPPOTrainer._apply_visual_dependency
+
+    def recording_apply(self, batch):
+        images_per_step.append(sum(batch.get("num_images") or []))
+        return original_apply(self, batch)
+
+    trainer_module.VPPOTrainer._apply_visual_dependency = recording_apply
     model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
     args = VPPOConfig(
         output_dir=output_path + ".out",
@@ -39,12 +59,13 @@ def main(output_path: str, estimator: str) -> None:
         logging_steps=1,
         seed=11,
         dependency_estimator=estimator,
+        shuffle_dataset=data == "colour",
     )
     trainer = VPPOTrainer(
         model=model,
         reward_funcs=half_uniform_reward,
         args=args,
-        train_dataset=make_colour_dataset(32, seed=3),
+        train_dataset=make_colour_dataset(32, seed=3) if data == "colour" else alternating_text_dataset(32),
         processing_class=processor,
     )
     trainer.train()
@@ -55,6 +76,7 @@ def main(output_path: str, estimator: str) -> None:
         "global_step": trainer.state.global_step,
         "tas": records,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
+        "images_per_step": images_per_step,
     }
     with open(f"{output_path}.rank{rank}.json", "w") as handle:
         json.dump(result, handle)
@@ -64,4 +86,4 @@ def main(output_path: str, estimator: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "k3")
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "k3", sys.argv[3] if len(sys.argv) > 3 else "colour")
