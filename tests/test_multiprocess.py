@@ -33,11 +33,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(tmp_path: Path, *launch_args: str, estimator: str = "k3", data: str = "colour") -> list[dict]:
+def launch(
+    tmp_path: Path, *launch_args: str, estimator: str = "k3", data: str = "colour", family: str = "qwen2_5_vl"
+) -> list[dict]:
     output = tmp_path / "run"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launch_args,
-        "--num_processes", "2", "--main_process_port", str(free_port()), str(SCRIPT), str(output), estimator, data,
+        "--num_processes", "2", "--main_process_port", str(free_port()),
+        str(SCRIPT), str(output), estimator, data, family,
     ]  # fmt: skip
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "vppo-trl-torch-extensions")}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
@@ -74,12 +77,13 @@ def test_two_processes_zero3_with_uneven_skips(tmp_path, estimator):
 
 
 @pytest.mark.slow
-def test_two_processes_zero3_with_a_text_only_process_does_not_hang(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])  # Qwen3-VL also feeds vision features to decoder layers
+def test_two_processes_zero3_with_a_text_only_process_does_not_hang(tmp_path, family):
     """One process gets only text-only prompts while the other has images: both run the vision tower in step."""
     pytest.importorskip("deepspeed")
     config = tmp_path / "zero3.yaml"
     config.write_text(ZERO3_CONFIG)
-    first, second = launch(tmp_path, "--config_file", str(config), data="alternating_text")
+    first, second = launch(tmp_path, "--config_file", str(config), data="alternating_text", family=family)
     assert first["global_step"] == second["global_step"] == 2
     assert all(count > 0 for count in first["images_per_step"]), first["images_per_step"]
     assert second["images_per_step"] == [0, 0]

@@ -10,6 +10,7 @@ the token embedding and the decoder layers (where the real image features are me
 added to the embeddings, so that the backward pass runs through the tower too. The output is unchanged.
 """
 
+import inspect
 import warnings
 from typing import Any
 
@@ -24,6 +25,14 @@ def _image_embeddings(output: Any) -> torch.Tensor:
     if getattr(output, "pooler_output", None) is not None:
         return output.pooler_output
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _deepstack_features(output: Any) -> list[torch.Tensor] | None:
+    """Qwen3-VL's features of inner vision layers, if the vision tower returns any."""
+    features = getattr(output, "deepstack_features", None)
+    if features is None and isinstance(output, (tuple, list)) and len(output) > 1:
+        features = output[1]
+    return list(features) if isinstance(features, (tuple, list)) else None
 
 
 class VisionTowerSync:
@@ -42,6 +51,9 @@ class VisionTowerSync:
         self.pixel_values = blank["pixel_values"]
         self.image_grid_thw = blank["image_grid_thw"]
         self._needs_image = False
+        self.takes_deepstack = (
+            "deepstack_visual_embeds" in inspect.signature(backbone.language_model.forward).parameters
+        )
         self.handles = [
             backbone.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             backbone.language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
@@ -65,6 +77,12 @@ class VisionTowerSync:
         # Between the embedding and the decoder layers, like real image features: the same order of parameter
         # gathering on every process, forward and backward.
         kwargs["inputs_embeds"] = embeddings + 0.0 * _image_embeddings(features).sum().to(embeddings.dtype)
+        deepstack = _deepstack_features(features)
+        if deepstack and self.takes_deepstack and kwargs.get("deepstack_visual_embeds") is None:
+            # Qwen3-VL adds features of inner vision layers inside its first decoder layers: pass empty ones (no
+            # visual position), so that their gradients flow back at the same point of the backward pass.
+            kwargs["visual_pos_masks"] = torch.zeros(embeddings.shape[:2], dtype=torch.bool, device=embeddings.device)
+            kwargs["deepstack_visual_embeds"] = [feature[:0].to(embeddings.dtype) for feature in deepstack]
         return args, kwargs
 
     def remove(self) -> None:

@@ -27,7 +27,7 @@ def alternating_text_dataset(rows: int) -> Dataset:
     return Dataset.from_list(records)
 
 
-def main(output_path: str, estimator: str, data: str) -> None:
+def main(output_path: str, estimator: str, data: str, family: str) -> None:
     records = []
     original_scales = trainer_module.advantage_scales
 
@@ -45,7 +45,7 @@ def main(output_path: str, estimator: str, data: str) -> None:
         return original_apply(self, batch)
 
     trainer_module.VPPOTrainer._apply_visual_dependency = recording_apply
-    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    model, processor = build_tiny_vlm(family, extra_words=COLOURS)
     args = VPPOConfig(
         output_dir=output_path + ".out",
         per_device_train_batch_size=8,
@@ -86,4 +86,5 @@ def main(output_path: str, estimator: str, data: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "k3", sys.argv[3] if len(sys.argv) > 3 else "colour")
+    output, estimator, data, family = (sys.argv[1:] + [None] * 3)[:4]
+    main(output, estimator or "k3", data or "colour", family or "qwen2_5_vl")
