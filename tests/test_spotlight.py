@@ -38,7 +38,10 @@ def test_matches_the_trainer_on_a_generated_row(tmp_path, estimator):
             trainer.model, processor, dataset[0]["prompt"], dataset[0]["images"], completion=ids,
             perturbation="solid", estimator=estimator,
         )  # fmt: skip
-        torch.testing.assert_close(torch.tensor(result.dependency), expected[row][: len(ids)], atol=1e-7, rtol=1e-3)
+        # One row alone vs four padded together: float32 rounding differs. KL between two close distributions cancels
+        # to an absolute error of about eps * |log p| (~1e-6 here, transformers 5.24), k3 stays within 1e-7.
+        atol = 1e-7 if estimator == "k3" else 1e-6
+        torch.testing.assert_close(torch.tensor(result.dependency), expected[row][: len(ids)], atol=atol, rtol=1e-3)
         assert sum(result.kept) == -(-len(ids) * 2 // 5)
 
 

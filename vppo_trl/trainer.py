@@ -14,6 +14,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
+from .batch_rows import model_inputs, select_rows
 from .checkpoints import ExactResumeMixin
 from .config import VPPOConfig
 from .core import (
@@ -34,8 +35,6 @@ logger = logging.get_logger(__name__)
 
 # Batch keys of a generation batch whose TGF and TAS wait for the loss's forward pass (see `_defers_original_logps`).
 DEFERRED_KEY = "vppo_perturbed_logps"
-# Per-sample tensors of a generation batch that a sub-batch of rows must carry along.
-PER_SAMPLE_KEYS = ("token_type_ids", "mm_token_type_ids", "pixel_attention_mask")
 # Image layouts the perturbation cannot rebuild (tiled or position-indexed pixels).
 UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
 # Logits (rows x positions x vocabulary) per chunk when the `kl` estimator projects hidden states onto the
@@ -291,51 +290,12 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             blur_radius=args.perturbation_blur_radius,
         )
 
-    def _select_rows(self, batch: dict[str, Any], rows: Sequence[int]) -> dict:
+    @staticmethod
+    def _select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict:
         """Model inputs for the completions `rows` of a generation batch (prompt + completion)."""
         if list(rows) == list(range(batch["prompt_ids"].size(0))):
-            return self._all_rows(batch)  # nothing skipped: no copies
-        index = torch.tensor(rows, device=batch["prompt_ids"].device, dtype=torch.long)
-        inputs = {
-            "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)[index],
-            "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)[index],
-        }
-        num_images = batch.get("num_images")
-        pixel_values = batch.get("pixel_values")
-        if num_images is not None and pixel_values is not None:
-            image_counts = torch.tensor(num_images)
-            first_image = torch.cat([torch.zeros(1, dtype=torch.long), image_counts.cumsum(0)])
-            image_ids = [i for r in rows for i in range(int(first_image[r]), int(first_image[r + 1]))]
-            grid = batch.get("image_grid_thw")
-            if grid is not None:
-                rows_per_image = grid.prod(-1).tolist()
-                first_row = [0]
-                for count in rows_per_image:
-                    first_row.append(first_row[-1] + count)
-                pixel_rows = [p for i in image_ids for p in range(first_row[i], first_row[i + 1])]
-                inputs["pixel_values"] = pixel_values[torch.tensor(pixel_rows, device=pixel_values.device)]
-                inputs["image_grid_thw"] = grid[torch.tensor(image_ids, device=grid.device, dtype=torch.long)]
-            elif pixel_values.size(0) == sum(num_images):
-                inputs["pixel_values"] = pixel_values[torch.tensor(image_ids, device=pixel_values.device)]
-            else:
-                inputs["pixel_values"] = pixel_values[index]
-            if "image_sizes" in batch:
-                inputs["image_sizes"] = batch["image_sizes"][torch.tensor(image_ids, dtype=torch.long)]
-            inputs["num_images"] = [num_images[r] for r in rows]
-        for key in PER_SAMPLE_KEYS:
-            if key in batch:
-                inputs[key] = batch[key][index]
-        return inputs
-
-    @staticmethod
-    def _all_rows(batch: dict[str, Any]) -> dict:
-        inputs = {
-            "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-        }
-        keys = ("pixel_values", "image_grid_thw", "image_sizes", "num_images", *PER_SAMPLE_KEYS)
-        inputs.update({key: batch[key] for key in keys if batch.get(key) is not None})
-        return inputs
+            return model_inputs(batch)  # nothing skipped: no copies
+        return model_inputs(select_rows(batch, list(rows)))
 
     def _sampled_token_logps(self, inputs: dict, logits_to_keep: int) -> torch.Tensor:
         logps, _, _ = self._get_per_token_logps_and_entropies(
