@@ -1,0 +1,208 @@
+"""Bad input, as users meet it: broken or unusual images, bad rows, over-long prompts, command-line mistakes, and
+malformed completions. Each test reads the error message (row, field, value) or checks the pixels or the scores."""
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage
+
+from vppo_trl.data import MAX_IMAGE_PIXELS, load_vppo_dataset
+from vppo_trl.testing import build_processor
+
+RED, WHITE = (255, 0, 0), (255, 255, 255)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def raw_png(pixels: np.ndarray, width: int | None = None, height: int | None = None) -> bytes:
+    """A PNG written byte by byte: 16-bit grayscale (2-D `uint16`) or 16-bit RGB (3-D `uint16`), which Pillow cannot
+    write, or, with `width`/`height`, a header that claims another size (0x0)."""
+    colour_type = 0 if pixels.ndim == 2 else 2
+    rows = pixels.astype(">u2").reshape(pixels.shape[0], -1)
+    scanlines = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    size = (pixels.shape[1] if width is None else width, pixels.shape[0] if height is None else height)
+    header = struct.pack(">IIBBBBB", *size, 16, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines)) + chunk(b"IEND", b"")
+    )
+
+
+def save(image: PILImage.Image, path: Path, **kwargs) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path.name
+
+
+def load_rows(tmp_path: Path, rows: list[dict], **kwargs):
+    return load_vppo_dataset(str(write_jsonl(tmp_path / "train.jsonl", rows)), **kwargs)
+
+
+def image_row(name: str, **extra) -> dict:
+    return {"problem": "What is shown?", "answer": "1", "images": [name], **extra}
+
+
+class TestUnreadableImages:
+    @pytest.fixture
+    def rows(self, tmp_path) -> list[dict]:
+        save(PILImage.new("RGB", (8, 8), RED), tmp_path / "ok.png")
+        noise = io.BytesIO()
+        PILImage.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(noise, format="PNG")
+        (tmp_path / "truncated.png").write_bytes(noise.getvalue()[: len(noise.getvalue()) // 2])
+        (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
+        (tmp_path / "empty.png").write_bytes(b"")
+        (tmp_path / "zero.png").write_bytes(raw_png(np.zeros((1, 1), np.uint16), width=0, height=0))
+        save(PILImage.new("RGB", (1, 1), RED), tmp_path / "pixel.png")
+        save(PILImage.new("RGB", (500, 2), RED), tmp_path / "line.png")
+        names = ["ok.png", "missing.png", "truncated.png", "corrupt.jpg", "empty.png", "zero.png", "pixel.png"]
+        return [image_row(name, id=index) for index, name in enumerate([*names, "line.png"])]
+
+    def test_each_bad_image_is_named_with_its_row_and_field(self, tmp_path, rows):
+        dataset, report = load_rows(tmp_path, rows, on_bad_row="skip")
+        assert dataset["id"] == [0]
+        assert report.problems == [
+            f"row 1, field 'images[0]': cannot read image 'missing.png': file not found at {tmp_path / 'missing.png'}",
+            "row 2, field 'images[0]': cannot read image 'truncated.png': OSError: image file is truncated",
+            "row 3, field 'images[0]': cannot read image 'corrupt.jpg': not an image or an unknown format",
+            "row 4, field 'images[0]': cannot read image 'empty.png': not an image or an unknown format",
+            "row 5, field 'images[0]': cannot read image 'zero.png': not an image or an unknown format",
+            "row 6, field 'images[0]': image 'pixel.png' is 1x1 pixels: too small to show anything",
+            "row 7, field 'images[0]': image 'line.png' is 500x2 pixels: more elongated than the 200:1 that Qwen-VL "
+            "processors accept",
+        ]
+
+    def test_raise_puts_the_whole_first_problem_on_the_first_line(self, tmp_path, rows):
+        with pytest.raises(ValueError) as error:
+            load_rows(tmp_path, rows)
+        first_line, *others = str(error.value).splitlines()
+        assert first_line == (
+            f"{str(tmp_path / 'train.jsonl')!r} (split 'train'): row 1, field 'images[0]': cannot read image "
+            f"'missing.png': file not found at {tmp_path / 'missing.png'}; 7 of 8 rows are invalid (7 problems). "
+            "Fix the data, or pass on_bad_row='skip' to drop these rows."
+        )
+        assert [line.split(",")[0] for line in others] == ["  row 2", "  row 3", "  row 4", "  row 5"]
+
+
+class TestImageModes:
+    def test_every_mode_is_read_as_the_rgb_picture_it_shows(self, tmp_path):
+        gradient = np.arange(0, 65536, 4096, dtype=np.uint16).reshape(2, 8)  # 0, 4096, ..., 61440
+        (tmp_path / "gray16.png").write_bytes(raw_png(gradient))
+        rgb16 = np.array([[[65535, 32896, 0], [257, 0, 65535]]] * 2, dtype=np.uint16)  # 8-bit: (255,128,0), (1,0,255)
+        (tmp_path / "rgb16.png").write_bytes(raw_png(rgb16))
+        rgba = PILImage.new("RGBA", (8, 8), (0, 0, 0, 0))  # transparent black background...
+        rgba.paste((255, 0, 0, 255), (0, 0, 4, 8))  # ...with an opaque red left half
+        palette = PILImage.new("P", (8, 8), 0)
+        palette.putpalette([0, 0, 0, 0, 0, 255])
+        palette.paste(1, (4, 0, 8, 8))  # left half colour 0 (transparent), right half blue
+        names = [
+            "gray16.png",
+            "rgb16.png",
+            save(rgba, tmp_path / "rgba.png"),
+            save(PILImage.new("LA", (8, 8), (90, 128)), tmp_path / "la.png"),
+            save(palette, tmp_path / "palette.png", transparency=0),
+            save(PILImage.new("L", (8, 8), 77), tmp_path / "gray.png"),
+            save(PILImage.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", quality=100),
+            save(PILImage.new("I", (8, 8), 1000), tmp_path / "int32.tif"),
+            save(PILImage.new("F", (8, 8), 0.5), tmp_path / "float.tif"),
+        ]
+        dataset, report = load_rows(tmp_path, [image_row(name) for name in names])
+        assert report.skipped_rows == 0
+        images = {name: row["images"][0] for name, row in zip(names, dataset, strict=True)}
+        assert all(image.mode == "RGB" and image.size[0] > 1 for image in images.values())
+
+        # 16-bit grayscale is scaled to 8 bits (v / 257), not clipped: only the brightest pixel is near white.
+        gray = np.asarray(images["gray16.png"])[..., 0]
+        np.testing.assert_array_equal(gray, np.rint(gradient / 257).astype(np.uint8))
+        assert gray.max() == 239 and (gray == 255).sum() == 0
+        assert images["rgb16.png"].getpixel((0, 0)) == (255, 128, 0)
+        assert images["rgb16.png"].getpixel((1, 0)) == (1, 0, 255)
+        # Transparent pixels are laid on white, opaque ones keep their colour, half-transparent ones are blended.
+        assert images["rgba.png"].getpixel((1, 1)) == RED and images["rgba.png"].getpixel((6, 1)) == WHITE
+        assert images["la.png"].getpixel((0, 0)) == (172,) * 3  # 90 * 128/255 + 255 * (1 - 128/255)
+        assert images["palette.png"].getpixel((1, 1)) == WHITE
+        assert images["palette.png"].getpixel((6, 1)) == (0, 0, 255)
+        assert images["gray.png"].getpixel((0, 0)) == (77, 77, 77)
+        red, green, blue = images["cmyk.jpg"].getpixel((4, 4))
+        assert red > 250 and green < 5 and blue < 5
+        assert images["int32.tif"].getpixel((0, 0)) == (4, 4, 4)  # 1000 of 65535
+        assert images["float.tif"].getpixel((0, 0)) == (128, 128, 128)  # 0.5 of 1.0
+
+    def test_a_20000_by_20000_image_is_scaled_down_to_what_a_processor_takes(self, tmp_path):
+        huge = PILImage.new("L", (20000, 20000), 0)
+        huge.paste(200, (10000, 0, 20000, 20000))  # black left half, light grey right half
+        name = save(huge, tmp_path / "scan.png", compress_level=1)
+        del huge
+        dataset, report = load_rows(tmp_path, [image_row(name)])
+        assert report.skipped_rows == 0
+        image = dataset[0]["images"][0]  # read when the trainer reads the row
+        assert image.mode == "RGB" and image.size == (4096, 4096) and image.width * image.height <= MAX_IMAGE_PIXELS
+        assert image.getpixel((100, 2000)) == (0, 0, 0) and image.getpixel((4000, 2000)) == (200, 200, 200)
+        processor = build_processor("qwen2_5_vl")
+        grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+        patch = processor.image_processor.patch_size
+        assert int(grid.prod()) * patch * patch <= processor.image_processor.size["longest_edge"]
+
+
+class TestBadRows:
+    def test_a_missing_image_is_named_not_trained_as_text(self, tmp_path):
+        save(PILImage.new("RGB", (8, 8), RED), tmp_path / "ok.png")
+        rows = [
+            {"problem": "<image> What is shown?", "answer": "1", "images": []},
+            {"problem": "What is shown?", "answer": "1", "images": [None]},
+            {"problem": "What is shown?", "answer": "1", "images": ["ok.png", None]},
+            {"problem": "What is shown?", "answer": "1", "images": [{"bytes": None, "path": None}]},
+        ]
+        _, report = load_rows(tmp_path, rows, on_bad_row="skip")
+        assert report.problems == [
+            "row 0, field 'problem': 1 '<image>' placeholder(s) but 0 image(s): '<image> What is shown?'",
+            "row 1, field 'images[0]': missing image (None)",
+            "row 2, field 'images[1]': missing image (None)",
+            "row 3, field 'images[0]': image {'bytes': None, 'path': None} has neither bytes nor a path",
+        ]
+
+    def test_a_missing_image_in_a_single_image_column(self, tmp_path):
+        # MMK12's layout: one `image` per row; a null there is a lost image, not a text-only question.
+        features = Features({"question": Value("string"), "answer": Value("string"), "image": Image()})
+        buffer = io.BytesIO()
+        PILImage.new("RGB", (8, 8), RED).save(buffer, format="PNG")
+        rows = {"question": ["a", "b"], "answer": ["1", "2"], "image": [{"bytes": buffer.getvalue()}, None]}
+        Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "mmk12.parquet"))
+        with pytest.raises(ValueError, match=r"row 1, field 'image\[0\]': missing image \(None\); 1 of 2 rows"):
+            load_vppo_dataset(str(tmp_path / "mmk12.parquet"), problem_column="question")
+
+    @pytest.mark.parametrize(
+        ("answer", "problem"),
+        [
+            ("", "empty answer ''"),
+            ("   ", "empty answer '   '"),
+            (None, "missing answer (None)"),
+            (["1", "2"], "expected a string or number, got list: ['1', '2']"),
+            ({"value": 1}, "expected a string or number, got dict: {'value': 1}"),
+            (True, "expected a string or number, got bool: True"),
+            (float("nan"), "expected a string or number, got nan"),
+        ],
+    )
+    def test_an_answer_that_is_empty_or_not_text(self, tmp_path, answer, problem):
+        rows = [{"problem": "2+2?", "answer": "4"}, {"problem": "3+3?", "answer": answer}]
+        path = tmp_path / "train.parquet" if isinstance(answer, float) else tmp_path / "train.jsonl"
+        if isinstance(answer, float):  # NaN in a float column (JSON cannot hold one)
+            Dataset.from_dict({"problem": ["2+2?", "3+3?"], "answer": [4.0, answer]}).to_parquet(str(path))
+        else:
+            write_jsonl(path, rows)
+        with pytest.raises(ValueError) as error:
+            load_vppo_dataset(str(path))
+        first_line = str(error.value).splitlines()[0]
+        assert first_line.startswith(f"{str(path)!r} (split 'train'): row 1, field 'answer': {problem}; 1 of 2 rows")
