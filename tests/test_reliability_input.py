@@ -3,6 +3,7 @@ malformed completions. Each test reads the error message (row, field, value) or 
 
 import io
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from vppo_trl.data import MAX_IMAGE_PIXELS, load_vppo_dataset
-from vppo_trl.testing import build_processor
+from vppo_trl import VPPOConfig, VPPOTrainer
+from vppo_trl.data import MAX_IMAGE_PIXELS, BadInputError, load_vppo_dataset
+from vppo_trl.testing import COLOURS, build_processor, build_tiny_vlm, colour_reward, make_colour_dataset
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
 
@@ -206,3 +208,44 @@ class TestBadRows:
             load_vppo_dataset(str(path))
         first_line = str(error.value).splitlines()[0]
         assert first_line.startswith(f"{str(path)!r} (split 'train'): row 1, field 'answer': {problem}; 1 of 2 rows")
+
+
+def tiny_trainer(tmp_path, dataset, reward_funcs, **overrides):
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+    )
+    settings.update(overrides)
+    args = VPPOConfig(**settings)
+    return VPPOTrainer(
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=processor
+    )
+
+
+def test_a_prompt_longer_than_the_context_is_named(tmp_path):
+    dataset = make_colour_dataset(1)
+    long_text = "Describe the shape. " + "red green blue yellow " * 1100
+    dataset = dataset.map(
+        lambda row: {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": long_text}]}]}
+    )
+    trainer = tiny_trainer(tmp_path, dataset, colour_reward, max_completion_length=100)
+    limit = trainer.model.config.get_text_config().max_position_embeddings
+    with pytest.raises(BadInputError) as error:
+        trainer.train()
+    message = str(error.value)
+    tokens = int(re.search(r"has (\d+) tokens", message).group(1))
+    assert tokens > limit - 100
+    assert message == (
+        "prompt 'Describe the shape. red green blue yellow red green blue yellow red green bl... has "
+        f"{tokens} tokens: with max_completion_length=100, {tokens + 100} positions, more than the model's limit of "
+        f"{limit} (max_position_embeddings). Shorten or drop that row, or lower max_completion_length."
+    )

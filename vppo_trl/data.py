@@ -87,6 +87,40 @@ def fit_image_pixels(
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+class BadInputError(ValueError):
+    """
+    Input the run cannot use (an invalid row, a prompt too long for the model), named by row or content. The training
+    script prints it as a one-line error, without a traceback.
+    """
+
+
+def check_prompt_lengths(
+    prompts: list, prompt_ids: list[list[int]], max_completion_length: int, model_config: Any
+) -> None:
+    """Raise [`BadInputError`] for a prompt that, followed by a full completion, exceeds the model's context."""
+    limit = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    for prompt, ids in zip(prompts, prompt_ids, strict=True):
+        if limit is not None and len(ids) + max_completion_length > limit:
+            raise BadInputError(
+                f"prompt {_preview(_prompt_text(prompt))} has {len(ids)} tokens: with max_completion_length="
+                f"{max_completion_length}, {len(ids) + max_completion_length} positions, more than the model's "
+                f"limit of {limit} (max_position_embeddings). Shorten or drop that row, or lower "
+                "max_completion_length."
+            )
+
+
+def _prompt_text(prompt: Any) -> str:
+    """The text of a prompt, plain or conversational (image blocks left out), to show it in a message."""
+    if isinstance(prompt, str):
+        return prompt
+    texts = []
+    for message in prompt:
+        content = message.get("content") if isinstance(message, dict) else None
+        blocks = [{"text": content}] if isinstance(content, str) else content or []
+        texts.extend(block["text"] for block in blocks if isinstance(block, dict) and block.get("text"))
+    return " ".join(texts)
+
+
 @dataclass
 class DataReport:
     """What [`load_vppo_dataset`] kept and dropped, so the caller can log it next to the training metrics."""
@@ -454,7 +488,7 @@ def load_vppo_dataset(
     skipped_rows = sum(1 for problems_of_row in row_problems if problems_of_row)
     if skipped_rows and on_bad_row == "raise":
         # The first line is the whole error (what the command line prints first); more problems follow it.
-        raise ValueError(
+        raise BadInputError(
             f"{source!r} (split {split!r}): {problems[0]}; {skipped_rows} of {total_rows} rows are invalid "
             f"({len(problems)} problems). Fix the data, or pass on_bad_row='skip' to drop these rows."
             + "".join(f"\n  {problem}" for problem in problems[1:_MAX_REPORTED_PROBLEMS])
