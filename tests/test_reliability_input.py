@@ -3,8 +3,11 @@ malformed completions. Each test reads the error message (row, field, value) or 
 
 import io
 import json
+import math
 import re
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -14,7 +17,9 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from vppo_trl import VPPOConfig, VPPOTrainer
+from vppo_trl import rewards as rewards_module
 from vppo_trl.data import MAX_IMAGE_PIXELS, BadInputError, load_vppo_dataset
+from vppo_trl.rewards import accuracy_reward, format_reward
 from vppo_trl.testing import COLOURS, build_processor, build_tiny_vlm, colour_reward, make_colour_dataset
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
@@ -249,3 +254,86 @@ def test_a_prompt_longer_than_the_context_is_named(tmp_path):
         f"{tokens} tokens: with max_completion_length=100, {tokens + 100} positions, more than the model's limit of "
         f"{limit} (max_position_embeddings). Shorten or drop that row, or lower max_completion_length."
     )
+
+
+class TestMalformedCompletions:
+    COMPLETIONS = [
+        "\\boxed{3}",  # right
+        [{"role": "assistant", "content": "<think>x</think> \\boxed{3}"}],  # right, as a list of messages
+        "",  # empty
+        "The answer is 3.",  # no boxed answer
+        "\\boxed{}",  # empty boxed answer
+        "\\boxed{3",  # never closed
+        "\\boxed{\\frac{1}{}}",  # unparseable LaTeX
+        "\\boxed{}}}{{{\\\\",  # unbalanced garbage after an empty boxed answer
+        "\\boxed{" + "9" * 5000 + "}",  # 5000 digits: more than Python turns into text by default
+        "\\boxed{9^{9^{9^{9}}}}",  # hours of exact arithmetic for sympy
+        "\\boxed{(10^{10})!}",
+        None,
+        42,
+        [],
+        [{"role": "assistant"}],
+    ]
+    EXPECTED = {"not_text": 4, "no_boxed_answer": 5, "unparseable": 4}
+
+    def score(self):
+        logged = {}
+        rewards = accuracy_reward(self.COMPLETIONS, ["3"] * len(self.COMPLETIONS), log_metric=logged.__setitem__)
+        return rewards, logged
+
+    def test_they_score_zero_and_are_counted(self):
+        rewards, logged = self.score()
+        assert rewards == [1.0, 1.0] + [0.0] * (len(self.COMPLETIONS) - 2)
+        n = len(self.COMPLETIONS)
+        assert logged == {f"rewards/accuracy_reward/{name}": count / n for name, count in self.EXPECTED.items()}
+        format_logged = {}
+        assert format_reward(self.COMPLETIONS, log_metric=format_logged.__setitem__) == [0.0, 1.0] + [0.0] * (n - 2)
+        assert format_logged == {"rewards/format_reward/not_text": 4 / n}
+
+    def test_huge_numbers_do_not_hang_outside_the_main_thread(self):
+        # math-verify's timeout needs the main thread; without the size guard, the power tower keeps a thread (and,
+        # holding the GIL in exact arithmetic, the whole process) busy: still stuck after 100 s when tried. A
+        # subprocess can be stopped if it hangs.
+        script = (
+            "import json, threading\n"
+            "from vppo_trl.rewards import accuracy_reward\n"
+            "completions = ['\\\\boxed{9^{9^{9^{9}}}}', '\\\\boxed{(10^{10})!}', '\\\\boxed{0.5}']\n"
+            "results = []\n"
+            "score = lambda: results.append(accuracy_reward(completions, ['3', '3', '1/2']))\n"
+            "thread = threading.Thread(target=score)\n"
+            "thread.start()\n"
+            "thread.join()\n"
+            "print(json.dumps(results[0]))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.splitlines()[-1]) == [0.0, 0.0, 1.0]
+
+    def test_a_math_verify_timeout_scores_zero_and_is_counted(self, monkeypatch):
+        monkeypatch.setattr(rewards_module, "MAX_ANSWER_DIGITS", math.inf)  # let the tower reach math-verify
+        monkeypatch.setattr(rewards_module, "MATH_VERIFY_TIMEOUT_SECONDS", 1)
+        logged = {}
+        assert accuracy_reward(["\\boxed{9^{9^{9^{9}}}}"], ["3"], log_metric=logged.__setitem__) == [0.0]
+        assert logged["rewards/accuracy_reward/unparseable"] == 1.0
+
+    @pytest.mark.parametrize(
+        ("prediction", "gold"),
+        [
+            ("10^{100000}", "100^{50000}"),  # 100,001 digits: still compared
+            ("9" * 4000, "10^{4000}-1"),
+            ("+\\infty", "\\infty"),
+        ],
+    )
+    def test_large_but_gradable_answers_are_still_graded(self, prediction, gold):
+        logged = {}
+        assert accuracy_reward([f"\\boxed{{{prediction}}}"], [gold], log_metric=logged.__setitem__) == [1.0]
+        assert logged["rewards/accuracy_reward/unparseable"] == 0.0
+
+    def test_counts_reach_the_training_log(self, tmp_path):
+        trainer = tiny_trainer(tmp_path, make_colour_dataset(4), [accuracy_reward, format_reward])
+        trainer.train()
+        log = trainer.state.log_history[0]
+        # The random tiny model never writes a boxed answer: every completion is counted as such.
+        assert log["rewards/accuracy_reward/no_boxed_answer"] == 1.0
+        assert log["rewards/accuracy_reward/not_text"] == 0.0 and log["rewards/accuracy_reward/unparseable"] == 0.0
+        assert log["rewards/format_reward/not_text"] == 0.0
