@@ -11,13 +11,17 @@ import sys
 import zlib
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
+import yaml
 from datasets import Dataset, Features, Image, Value
+from huggingface_hub.errors import RepositoryNotFoundError
 from PIL import Image as PILImage
 
-from vppo_trl import VPPOConfig, VPPOTrainer
+from vppo_trl import VPPOConfig, VPPOTrainer, cli
 from vppo_trl import rewards as rewards_module
+from vppo_trl import train as train_module
 from vppo_trl.data import MAX_IMAGE_PIXELS, BadInputError, load_vppo_dataset
 from vppo_trl.rewards import accuracy_reward, format_reward
 from vppo_trl.testing import COLOURS, build_processor, build_tiny_vlm, colour_reward, make_colour_dataset
@@ -337,3 +341,150 @@ class TestMalformedCompletions:
         assert log["rewards/accuracy_reward/no_boxed_answer"] == 1.0
         assert log["rewards/accuracy_reward/not_text"] == 0.0 and log["rewards/accuracy_reward/unparseable"] == 0.0
         assert log["rewards/format_reward/not_text"] == 0.0
+
+
+# The command line. Each error is one line on stderr, exit status 2, no traceback.
+RECIPE = {"model_name_or_path": "./model", "dataset_name": "./train.jsonl", "report_to": "none", "use_cpu": True}
+
+
+class _RepositoryNotFound(RepositoryNotFoundError):
+    def __init__(self):
+        Exception.__init__(self, "404 Client Error: Repository Not Found")
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch) -> Path:
+    """A minimal recipe whose model folder exists (only its existence is checked before the data is read)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    save(PILImage.new("RGB", (8, 8), RED), tmp_path / "ok.png")
+    write_jsonl(tmp_path / "train.jsonl", [image_row("ok.png")])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(RECIPE))
+    return path
+
+
+def one_line_error(stderr: str) -> str:
+    """The error line of a failed command: a single line, the last one (progress bars and library warnings may come
+    first), and no traceback."""
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("vppo-trl train: error: ")]
+    assert len(errors) == 1 and stderr.rstrip().endswith(errors[0]), stderr
+    return errors[0]
+
+
+def cli_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", *args])
+    assert exit_info.value.code == 2
+    return one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("token_filter_ration: 0.5", "unknown recipe key 'token_filter_ration' (did you mean 'token_filter_ratio'?)"),
+        ("perturbaton: gaussian_blur", "unknown recipe key 'perturbaton' (did you mean 'perturbation'?)"),
+        ("max_steps: 2.5", "recipe key 'max_steps' must be int, got 2.5 (float)"),
+        ("max_steps: true", "recipe key 'max_steps' must be int, got True (bool)"),
+        ("use_peft: 3", "recipe key 'use_peft' must be true or false, got 3 (int)"),
+        ("reward_weights: [1.0, heavy]", "recipe key 'reward_weights' must be float, got 'heavy' (str)"),
+        ("learning_rate: fast", "argument --learning_rate/--learning-rate: invalid float value: 'fast'"),
+        ("seed: [1, 2", "while parsing a flow sequence in"),
+    ],
+)
+def test_a_recipe_mistake_names_the_key(recipe, capsys, entry, message):
+    recipe.write_text(recipe.read_text() + entry + "\n")
+    assert cli_error(capsys, "--config", str(recipe)).startswith(f"vppo-trl train: error: {message}")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--token_filter_ratio", "0.5", "--perturbation_prop", "0.3"],
+            "unknown argument '--perturbation_prop' (did you mean '--perturbation_prob'?)",
+        ),
+        (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc'"),
+        (["--perturbation", "blur"], "argument --perturbation: invalid choice: 'blur'"),
+    ],
+)
+def test_a_command_line_mistake_names_the_flag(recipe, capsys, args, message):
+    assert cli_error(capsys, "--config", str(recipe), *args).startswith(f"vppo-trl train: error: {message}")
+
+
+@pytest.mark.parametrize("name", ["data/missing.parquet", "./data/missing.parquet", "missing.jsonl", "a/b/c"])
+def test_a_missing_local_dataset(recipe, capsys, name):
+    assert cli_error(capsys, "--config", str(recipe), "--dataset_name", name) == (
+        f"vppo-trl train: error: Dataset {name!r} does not exist. For recipes/cpu_demo.yaml, its header shows how to "
+        "create its model and data."
+    )
+
+
+@pytest.mark.parametrize(
+    ("hub", "problem"),
+    [
+        ("unreachable", "the Hub cannot be reached to look for it (ConnectionError)"),
+        ("not found", "the Hub has no model of that name (if it is private, log in with `hf auth login`)"),
+        ("offline", "the Hub is offline (HF_HUB_OFFLINE) and has no copy of it in the local cache"),
+    ],
+)
+def test_a_model_id_neither_on_disk_nor_on_the_hub(recipe, capsys, monkeypatch, hub, problem):
+    def repo_info(self, repo_id, **kwargs):
+        raise ConnectionError("no route to host") if hub == "unreachable" else _RepositoryNotFound()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: hub == "offline")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(recipe.parent / "empty-cache"))
+    assert cli_error(capsys, "--config", str(recipe), "--model_name_or_path", "models/tiny-vlm") == (
+        f"vppo-trl train: error: Model folder 'models/tiny-vlm' is neither a local file or folder nor usable on the "
+        f"Hub: {problem}."
+    )
+
+
+def test_a_cached_model_id_is_accepted_offline(recipe, monkeypatch):
+    cache = recipe.parent / "cache"
+    (cache / "models--models--tiny-vlm").mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    train_module._check_source("models/tiny-vlm", "Model folder", "model")  # no error
+
+
+def test_the_real_command_without_the_hub(recipe):
+    # As a user runs it, on a machine that cannot reach the Hub (or can, and hears it has no such model).
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("vppo-trl")), "train", "--config", str(recipe)]
+        + ["--model_name_or_path", "models/tiny-vlm"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert one_line_error(result.stderr).startswith(
+        "vppo-trl train: error: Model folder 'models/tiny-vlm' is neither a local file or folder nor usable on the "
+        "Hub: "
+    )
+
+
+def test_a_bad_row_on_the_command_line(recipe, capsys):
+    write_jsonl(recipe.parent / "train.jsonl", [image_row("ok.png"), image_row("gone.png")])
+    assert cli_error(capsys, "--config", str(recipe)) == (
+        "vppo-trl train: error: './train.jsonl' (split 'train'): row 1, field 'images[0]': cannot read image "
+        f"'gone.png': file not found at {recipe.parent / 'gone.png'}; 1 of 2 rows are invalid (1 problems). Fix the "
+        "data, or pass on_bad_row='skip' to drop these rows."
+    )
+
+
+def test_a_too_long_prompt_on_the_command_line_keeps_what_was_saved(recipe, capsys):
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    model.save_pretrained(recipe.parent / "model")
+    processor.save_pretrained(recipe.parent / "model")
+    write_jsonl(recipe.parent / "train.jsonl", [image_row("ok.png", problem="Describe. " + "red " * 5000)])
+    earlier = recipe.parent / "out" / "checkpoint-7"
+    earlier.mkdir(parents=True)
+    (earlier / "model.safetensors").write_bytes(b"weights of an earlier run")
+    args = ["--output_dir", "out", "--per_device_train_batch_size", "2", "--num_generations", "2"]
+    err = cli_error(capsys, "--config", str(recipe), *args, "--max_steps", "1", "--max_completion_length", "8")
+    assert err.startswith("vppo-trl train: error: prompt 'Describe. red red red")
+    assert "tokens: with max_completion_length=8" in err and "more than the model's limit of 4096" in err
+    assert (earlier / "model.safetensors").read_bytes() == b"weights of an earlier run"

@@ -351,7 +351,7 @@ def _load_source(source: str, split: str) -> tuple[Dataset, Path | None]:
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"Unsupported data file {source!r}: expected one of {sorted(_FILE_BUILDERS)}.")
+            raise BadInputError(f"Unsupported data file {source!r}: expected one of {sorted(_FILE_BUILDERS)}.")
         return load_dataset(builder, data_files={split: str(path)}, split=split), path.parent
     if path.is_dir():
         if any(any(path.rglob(name)) for name in _IMAGEFOLDER_METADATA):
@@ -365,7 +365,7 @@ def _load_source(source: str, split: str) -> tuple[Dataset, Path | None]:
                     get_data_patterns(str(path)), base_path=str(path), allowed_extensions=extensions
                 )
                 return load_dataset(builder, data_files=data_files, split=split), path
-        raise ValueError(
+        raise BadInputError(
             f"No data in directory {source!r}: expected parquet or JSON Lines files, or images with one of "
             f"{list(_IMAGEFOLDER_METADATA)}."
         )
@@ -444,7 +444,7 @@ def load_vppo_dataset(
     dataset, data_folder = _load_source(source, split)
     for column in (problem_column, answer_column):
         if column not in dataset.column_names:
-            raise ValueError(f"{source!r} has no column {column!r}; its columns are {dataset.column_names}.")
+            raise BadInputError(f"{source!r} has no column {column!r}; its columns are {dataset.column_names}.")
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
     source_images_column, single_image = _find_images_column(dataset, images_column)
