@@ -78,8 +78,9 @@ class TestUnreadableImages:
         (tmp_path / "zero.png").write_bytes(raw_png(np.zeros((1, 1), np.uint16), width=0, height=0))
         save(PILImage.new("RGB", (1, 1), RED), tmp_path / "pixel.png")
         save(PILImage.new("RGB", (500, 2), RED), tmp_path / "line.png")
+        (tmp_path / "bomb.png").write_bytes(raw_png(np.zeros((1, 1), np.uint16), width=40000, height=40000))
         names = ["ok.png", "missing.png", "truncated.png", "corrupt.jpg", "empty.png", "zero.png", "pixel.png"]
-        return [image_row(name, id=index) for index, name in enumerate([*names, "line.png"])]
+        return [image_row(name, id=index) for index, name in enumerate([*names, "line.png", "bomb.png"])]
 
     def test_each_bad_image_is_named_with_its_row_and_field(self, tmp_path, rows):
         dataset, report = load_rows(tmp_path, rows, on_bad_row="skip")
@@ -93,6 +94,8 @@ class TestUnreadableImages:
             "row 6, field 'images[0]': image 'pixel.png' is 1x1 pixels: too small to show anything",
             "row 7, field 'images[0]': image 'line.png' is 500x2 pixels: more elongated than the 200:1 that Qwen-VL "
             "processors accept",
+            "row 8, field 'images[0]': cannot read image 'bomb.png': Image size (1600000000 pixels) exceeds limit of "
+            "1073741824 pixels, could be decompression bomb DOS attack.",
         ]
 
     def test_raise_puts_the_whole_first_problem_on_the_first_line(self, tmp_path, rows):
@@ -101,7 +104,7 @@ class TestUnreadableImages:
         first_line, *others = str(error.value).splitlines()
         assert first_line == (
             f"{str(tmp_path / 'train.jsonl')!r} (split 'train'): row 1, field 'images[0]': cannot read image "
-            f"'missing.png': file not found at {tmp_path / 'missing.png'}; 7 of 8 rows are invalid (7 problems). "
+            f"'missing.png': file not found at {tmp_path / 'missing.png'}; 8 of 9 rows are invalid (8 problems). "
             "Fix the data, or pass on_bad_row='skip' to drop these rows."
         )
         assert [line.split(",")[0] for line in others] == ["  row 2", "  row 3", "  row 4", "  row 5"]

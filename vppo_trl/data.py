@@ -208,6 +208,8 @@ def _encode_image(value: Any, image_folder: Path | None) -> dict[str, Any]:
         image = _decode_image(encoded)
     except PIL.UnidentifiedImageError:
         raise ValueError(f"cannot read image {_preview(value)}: not an image or an unknown format") from None
+    except PIL.Image.DecompressionBombError as error:  # more than MAX_SOURCE_IMAGE_PIXELS
+        raise ValueError(f"cannot read image {_preview(value)}: {error}") from None
     except Exception as error:  # PIL signals damaged data with many exception types (OSError, SyntaxError, ...)
         reason = _shorten(f"{type(error).__name__}: {error}")
         raise ValueError(f"cannot read image {_preview(value)}: {reason}") from None
@@ -418,7 +420,9 @@ def load_vppo_dataset(
         on_bad_row (`str`, *optional*, defaults to `"raise"`):
             `"raise"` fails with a `ValueError` listing the first problems and their count; `"skip"` drops the bad
             rows and logs a warning. Problems: missing, empty or wrongly typed problem or answer, an image that is
-            missing or unreadable, or a number of `<image>` placeholders different from the number of images.
+            missing or unreadable, under 2 pixels a side or more elongated than 200:1, or a number of `<image>`
+            placeholders different from the number of images. Images are read as the RGB picture they show (16-bit
+            and transparent ones included), larger ones scaled down to `MAX_IMAGE_PIXELS`.
         image_root (`str`, *optional*):
             Folder that relative image paths start from. Defaults to the folder of the data file (or the directory
             given); for Hub datasets, to the current directory.

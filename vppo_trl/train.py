@@ -165,8 +165,9 @@ def _convert(action: argparse.Action, key: str, value: Any) -> Any:
     except (TypeError, ValueError, argparse.ArgumentTypeError):
         converted = None
     if converted is None or (action.choices and converted not in action.choices):
-        expected = getattr(action.type, "__name__", "value")
-        expected = {"string_to_bool": "true or false", "<lambda>": f"one of {action.choices}"}.get(expected, expected)
+        name = getattr(action.type, "__name__", "a valid value")
+        expected = {"string_to_bool": "true or false"}.get(name, name)
+        expected = f"one of {list(action.choices)}" if action.choices else expected
         raise ValueError(f"recipe key {key!r} must be {expected}, got {value!r} ({type(value).__name__})")
     return converted
 
