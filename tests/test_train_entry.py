@@ -16,6 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vppo_trl import cli
 from vppo_trl import data as data_module
+from vppo_trl import train as train_module
 from vppo_trl.model_card import SECTION_BEGIN
 from vppo_trl.testing import make_shape_image
 from vppo_trl.train import main
@@ -110,6 +111,7 @@ def virl_layout(tmp_path, monkeypatch) -> Path:
         return virl if path == HUB_DATASET else real_load_dataset(path, *args, **kwargs)
 
     monkeypatch.setattr(data_module, "load_dataset", load_dataset)
+    monkeypatch.setattr(train_module, "_hub_problem", lambda name, repo_type: None)  # "on the Hub"
     mmk12 = {"question": ["What colour?", "Which colour?"], "answer": ["red", "blue"]}
     mmk12["image"] = [make_shape_image("red", rng), make_shape_image("blue", rng)]
     Dataset.from_dict(mmk12).to_parquet(str(tmp_path / "mmk12.parquet"))
@@ -246,7 +248,7 @@ def test_unknown_recipe_key(tmp_path, capsys):
     recipe.write_text(CPU_DEMO.read_text() + "token_filter_ration: 0.5\n")
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", str(recipe)])
-    assert "Unknown arguments from config file: ['--token_filter_ration', '0.5']" in capsys.readouterr().err
+    assert "unknown recipe key 'token_filter_ration' (did you mean 'token_filter_ratio'?)" in capsys.readouterr().err
 
 
 def test_missing_model_folder_says_how_to_build_it(tmp_path, monkeypatch, capsys):

@@ -25,6 +25,7 @@ from .core import (
     top_dependency_mask,
     trajectory_dependency,
 )
+from .data import check_prompt_lengths
 from .dynamic_sampling import DynamicSamplingMixin
 from .guards import NonFiniteLossGuardMixin
 from .model_card import append_vppo_section
@@ -137,6 +138,8 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
 
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        # Name a prompt the model's context cannot hold, rather than run past it (RoPE) or fail in the generator.
+        check_prompt_lengths(prompts, prompt_ids, self.args.max_completion_length, self.model.config)
         if images is not None:
             # TRL marks a text-only prompt's images None, which processors reject in a batch mixing text and images.
             images = [prompt_images or [] for prompt_images in images]
