@@ -58,13 +58,10 @@ def train_in_turns(role: str, settings: Settings, channel: Channel) -> None:
     originals = instrument(trainer, recorder, role, settings.max_completion_length)
 
     def untimed_extras(batch: dict[str, Any]) -> dict[str, float | None]:
-        perturbs = role == "vppo" and "pixel_values" in batch
-        return {
-            "forward_pass_s": floor_forward(trainer, originals, recorder, batch),
-            "perturbation_s": perturbation_time(originals, recorder, batch, settings.perturbation_reps)
-            if perturbs
-            else None,
-        }
+        extras = {"forward_pass_s": floor_forward(trainer, originals, recorder, batch), "perturbation_s": None}
+        if role == "vppo" and "pixel_values" in batch:
+            extras["perturbation_s"] = perturbation_time(originals, recorder, batch, settings.perturbation_reps)
+        return extras
 
     trainer.add_callback(Baton(role, settings, channel, recorder, ready, untimed_extras))
     try:
