@@ -10,29 +10,6 @@ from typing import Any
 
 from .settings import ROLES, Settings
 
-# Keys that the benchmark JSON always carries (the smoke test checks them).
-REQUIRED_KEYS = (
-    "grpo_step_s",
-    "vppo_step_s",
-    "ratio",
-    "grpo_generation_s",
-    "vppo_generation_s",
-    "grpo_train_side_s",
-    "vppo_train_side_s",
-    "perturbed_pass_s",
-    "forward_pass_s",
-    "overhead_efficiency",
-    "grpo_peak_mem_bytes",
-    "vppo_peak_mem_bytes",
-    "skipped_fraction",
-    "perturbation_s",
-    "settings",
-    "device_name",
-    "versions",
-    "date",
-    "raw",
-)
-
 
 def _median(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
@@ -159,9 +136,6 @@ def summarise(settings: Settings, run: dict[str, Any], argv: list[str]) -> dict[
             "perturbation_s = VPPOTrainer._perturbed_pixel_values on the step's batch, median of isolated repeats",
         ],
     }
-    missing = [key for key in REQUIRED_KEYS if key not in summary]
-    if missing:
-        raise RuntimeError(f"summary lacks {missing}")
     return summary
 
 
