@@ -1,5 +1,6 @@
 """Run an evaluation (generate, grade, resume), regrade it, write its reports, and compare runs."""
 
+import importlib.util
 import json
 import os
 from collections import defaultdict
@@ -9,7 +10,7 @@ from pathlib import Path
 from ..data import INSTRUCTION_SUFFIX, PAPER_MAX_PIXELS, PAPER_MIN_PIXELS, fit_image_pixels, load_vppo_dataset
 from ..rewards import accuracy_reward, extract_boxed_answer
 from .benchmarks import load_benchmark, resolve_benchmarks
-from .generation import chunk_seed
+from .generation import VLLM_MISSING, chunk_seed
 from .metrics import benchmark_metrics, paired_bootstrap
 
 SAMPLES_FILE, RESULTS_FILE, RUN_FILE = "samples.jsonl", "results.json", "run.json"
@@ -82,6 +83,8 @@ class EvalConfig:
             raise ValueError("temperature 0 is greedy decoding: all k samples would be the same; use --k 1.")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}.")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise RuntimeError(VLLM_MISSING)  # before any data or model is loaded
         if self.backend == "vllm" and self.adapter is not None:
             raise ValueError("--adapter works with --backend hf; for vLLM, merge the adapter into the model first.")
         for path in [*self.data, self.data_root, self.adapter]:
