@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -244,6 +245,28 @@ def test_interrupted_run_resumes_to_the_same_results(workspace, tmp_path):
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert json.loads((interrupted / "results.json").read_text()) == straight
     assert (interrupted / "samples.jsonl").read_text() == (tmp_path / "straight" / "samples.jsonl").read_text()
+
+
+def test_accelerate_launch_shards_problems_and_matches_one_process(workspace, tmp_path):
+    """Two processes (`accelerate launch`, gloo on CPU) share the chunks and draw the samples one process draws."""
+    data_root = str(workspace / "vppo-eval" / "data")
+    arguments = ["--model", str(workspace / "model"), "--benchmarks", "geo3k,mmmu_pro", "--data-root", data_root,
+                 "--k", "2", "--max-new-tokens", "8", "--batch-size", "2"]  # fmt: skip
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(port), "-m", "vppo_trl.eval"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([*launch, *arguments, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("| **mean** |") == 1  # the main process reports
+    # 6 chunks of at most 2 problems (5 + 5 problems), every other one on the first process: 2 + 1 + 2 problems
+    assert "| 5/5 [" in two.stderr and "/10 [" not in two.stderr
+    paper_run(workspace, tmp_path / "one", "--batch-size", "2")
+    for name in ("samples.jsonl", "results.json"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
 
 
 def test_python_api(workspace, tmp_path):

@@ -216,9 +216,10 @@ def load_benchmark(
             raise FileNotFoundError(f"Benchmark {benchmark.name!r}: file {str(path)!r} does not exist.")
         cache_dir.mkdir(parents=True, exist_ok=True)
         converted = cache_dir / f"{benchmark.name}.jsonl"
-        with converted.open("w", encoding="utf-8") as handle:
-            for row in _sharegpt_rows(path, entry, image_folder=root.absolute()):
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        rows = _sharegpt_rows(path, entry, image_folder=root.absolute())
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if not converted.is_file() or converted.read_text(encoding="utf-8") != text:
+            converted.write_text(text, encoding="utf-8")
         dataset, _ = load_vppo_dataset(str(converted), "test", **common)
         return dataset
     if benchmark.hub is None:

@@ -63,7 +63,7 @@ def _compare_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "vppo-trl eval") -> None:
     """Parse the command line and run; bad input ends with a one-line error, not a traceback."""
-    from .run import EvalConfig, compare, compare_table, evaluate, regrade, results_table
+    from .run import EvalConfig, compare, compare_table, evaluate, process_state, regrade, results_table
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
@@ -88,6 +88,6 @@ def main(argv: list[str] | None = None, prog: str = "vppo-trl eval") -> None:
             results = evaluate(EvalConfig(**options))
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    if results is not None:
+    if process_state().is_main_process:  # under `accelerate launch`, one report
         print(results_table(results))
         print(f"Wrote {args.output_dir}/results.json, results.md, results.png and samples.jsonl")

@@ -210,6 +210,14 @@ def _check_resume(config: EvalConfig, output_dir: Path) -> None:
             )
 
 
+def process_state():
+    """accelerate's process state; on a machine without GPUs, `accelerate launch` processes meet over gloo."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def evaluate(config: EvalConfig) -> dict:
     """
     Evaluate `config.model` on the configured benchmarks and data, write `samples.jsonl`, `results.json`,
@@ -220,11 +228,10 @@ def evaluate(config: EvalConfig) -> dict:
     seeded from the run seed, the benchmark and the chunk's position). Under `accelerate launch`, each process
     generates every n-th chunk and the main process writes the reports.
     """
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     config.check()
-    state = PartialState()
+    state = process_state()
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(config, output_dir)
@@ -235,7 +242,8 @@ def evaluate(config: EvalConfig) -> dict:
     done = read_samples(output_dir)
     suites, work = [], []
     for name, title, load in _suites(config, output_dir):
-        dataset = load()
+        with state.main_process_first():  # one process converts and caches the data, the others reuse it
+            dataset = load()
         ids = _problem_ids(dataset, name)
         suites.append({"name": name, "title": title, "problem_ids": ids})
         for chunk, start in enumerate(range(0, len(ids), config.batch_size)):
