@@ -31,6 +31,7 @@ _SAMPLING_FIELDS = (
     "max_pixels",
     "instruction_suffix",
     "max_problems",
+    "backend",
 )
 
 
@@ -232,6 +233,11 @@ def evaluate(config: EvalConfig) -> dict:
 
     config.check()
     state = process_state()
+    if config.backend == "vllm" and state.num_processes > 1:
+        raise ValueError(
+            "--backend vllm runs in one process (--tensor-parallel-size spreads a model over GPUs); use the HF "
+            "backend under accelerate launch, or start vLLM runs on separate benchmarks and GPUs yourself."
+        )
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(config, output_dir)
