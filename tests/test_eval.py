@@ -425,3 +425,32 @@ def test_registry_covers_the_paper_table():
     ]  # fmt: skip
     assert all(b.source.count("/") == 1 and b.evidence for b in BENCHMARKS.values())
     assert [b.name for b in BENCHMARKS.values() if b.hub is not None] == ["geo3k", "mmk12"]
+
+
+def test_hub_route_without_connection_is_one_line(workspace, tmp_path, monkeypatch, capsys):
+    from vppo_trl.eval import benchmarks
+
+    def offline(source, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{source}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(benchmarks, "load_vppo_dataset", offline)
+    message = error_of(["--model", str(workspace / "model"), "--benchmarks", "geo3k", "--output-dir", str(tmp_path)],
+                       capsys)  # fmt: skip
+    assert "Couldn't reach 'hiyouga/geometry3k'" in message and "pass --data-root" in message
+
+
+def test_adapter_is_merged(workspace, tmp_path):
+    """A LoRA adapter changes the samples; the base run and the adapter run differ only by it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(workspace / "model")
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random, not a no-op
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    paper_run(workspace, tmp_path / "base", "--max-problems", "2")
+    paper_run(workspace, tmp_path / "lora", "--max-problems", "2", "--adapter", str(tmp_path / "adapter"))
+    completions = [[s["completion"] for s in read_jsonl(tmp_path / run / "samples.jsonl")] for run in ("base", "lora")]
+    assert len(completions[0]) == len(completions[1]) == 8 and completions[0] != completions[1]
+    assert json.loads((tmp_path / "lora" / "results.json").read_text())["settings"]["adapter"] == str(
+        tmp_path / "adapter"
+    )

@@ -229,12 +229,18 @@ def load_benchmark(
             "--data-root vppo-eval/data."
         )
     hub = benchmark.hub
-    dataset, _ = load_vppo_dataset(
-        hub.repo_id,
-        hub.split,
-        problem_column=hub.problem_column,
-        answer_column=hub.answer_column,
-        images_column=hub.images_column,
-        **common,
-    )
+    try:
+        dataset, _ = load_vppo_dataset(
+            hub.repo_id,
+            hub.split,
+            problem_column=hub.problem_column,
+            answer_column=hub.answer_column,
+            images_column=hub.images_column,
+            **common,
+        )
+    except ConnectionError as error:
+        raise ConnectionError(
+            f"Benchmark {benchmark.name!r}: {error}. Without Hub access, copy {PAPER_DATA_ID} here and pass "
+            "--data-root."
+        ) from None
     return dataset

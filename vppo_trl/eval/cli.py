@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None, prog: str = "vppo-trl eval") -> None:
             options = {key: value for key, value in vars(args).items() if key != "regrade"}
             options["benchmarks"] = [name for name in options["benchmarks"].split(",") if name.strip()]
             results = evaluate(EvalConfig(**options))
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:  # OSError: missing files, no Hub connection
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if process_state().is_main_process:  # under `accelerate launch`, one report
         print(results_table(results))
