@@ -28,16 +28,26 @@ def _eval_parser(prog: str) -> argparse.ArgumentParser:
     add("--output-dir", required=True, help="Folder of the run's outputs; an unfinished run there is resumed.")
     add("--k", type=int, default=8, help="Samples per problem (the paper: 8).")
     add("--temperature", type=float, default=1.0, help="Sampling temperature (the paper: 1.0).")
-    add("--top-p", type=float, default=1.0)
-    add("--max-new-tokens", type=int, default=2048)
+    add("--top-p", type=float, default=1.0, help="Nucleus sampling (default %(default)s).")
+    add("--max-new-tokens", type=int, default=2048, help="Longest completion (the 7B paper run: 2048).")
     add("--batch-size", type=int, default=8, help="Problems generated together (x k sequences).")
-    add("--seed", type=int, default=0)
-    add("--min-pixels", type=_optional_int, default=PAPER_MIN_PIXELS, help="Images are resized up to this ('none').")
-    add("--max-pixels", type=_optional_int, default=PAPER_MAX_PIXELS, help="Images are resized down to this.")
+    add("--seed", type=int, default=0, help="Sampling seed; each chunk of problems derives its own.")
+    add(
+        "--min-pixels",
+        type=_optional_int,
+        default=PAPER_MIN_PIXELS,
+        help="Smaller images are scaled up to this many pixels (default: the paper's %(default)s; 'none').",
+    )
+    add(
+        "--max-pixels",
+        type=_optional_int,
+        default=PAPER_MAX_PIXELS,
+        help="Larger images are scaled down to this many pixels (default: the paper's %(default)s; 'none').",
+    )
     add("--instruction-suffix", default=INSTRUCTION_SUFFIX, help="Appended to every problem ('' for none).")
     add("--max-problems", type=int, help="Evaluate the first N problems of each benchmark (quick runs).")
     add("--on-bad-row", choices=ON_BAD_ROW_CHOICES, default="raise", help="Stop at invalid rows, or skip them.")
-    add("--backend", choices=("hf", "vllm"), default="hf")
+    add("--backend", choices=("hf", "vllm"), default="hf", help="Generation engine (default %(default)s).")
     add("--device", help="Device of the HF backend (default: the accelerate process's device).")
     add("--dtype", default="auto", help="Model dtype: auto, bfloat16, float16, float32.")
     add("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model copy.")
