@@ -391,6 +391,8 @@ def test_bad_input_messages(workspace, tmp_path, capsys):
     assert "has no Hub source in the training layout" in message and "--data-root" in message
     message = error_of(["--model", model, "--output-dir", str(tmp_path)], capsys)
     assert "Nothing to evaluate" in message
+    message = error_of(["--model", model, "--data", "my_benchmrk.jsonl", "--output-dir", str(tmp_path)], capsys)
+    assert message == "vppo-trl eval: error: Data file or folder 'my_benchmrk.jsonl' does not exist.\n"
     message = error_of(["--regrade", "--output-dir", str(tmp_path / "empty")], capsys)
     assert "holds no evaluation run" in message
 

@@ -88,9 +88,11 @@ class EvalConfig:
             raise RuntimeError(VLLM_MISSING)  # before any data or model is loaded
         if self.backend == "vllm" and self.adapter is not None:
             raise ValueError("--adapter works with --backend hf; for vLLM, merge the adapter into the model first.")
-        for path in [*self.data, self.data_root, self.adapter]:
+        named = [("Data file or folder", path) for path in self.data]
+        named += [("--data-root folder", self.data_root), ("Adapter folder", self.adapter)]
+        for what, path in named:
             if path is not None and not Path(path).expanduser().exists():
-                raise FileNotFoundError(f"{path!r} does not exist.")
+                raise FileNotFoundError(f"{what} {path!r} does not exist.")
         looks_local = self.model.startswith((".", "/", "~")) or self.model.count("/") > 1
         if looks_local and not Path(self.model).expanduser().exists():
             raise FileNotFoundError(f"Model folder {self.model!r} does not exist.")
