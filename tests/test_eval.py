@@ -274,6 +274,8 @@ def test_python_api(workspace, tmp_path):
                         output_dir=str(tmp_path / "api"), k=3, max_new_tokens=4, device="cpu")  # fmt: skip
     results = evaluate(config)
     assert results["benchmarks"]["colours"]["samples"] == 9 and set(results["mean"]["pass@k"]) == {"1", "2", "3"}
+    greedy = evaluate(EvalConfig(**{**vars(config), "k": 1, "temperature": 0.0, "output_dir": str(tmp_path / "g")}))
+    assert greedy["benchmarks"]["colours"]["samples"] == 3 and greedy["settings"]["temperature"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,6 +393,11 @@ def test_bad_input_messages(workspace, tmp_path, capsys):
     assert "has no Hub source in the training layout" in message and "--data-root" in message
     message = error_of(["--model", model, "--output-dir", str(tmp_path)], capsys)
     assert "Nothing to evaluate" in message
+    local = str(workspace / "local" / "colours.jsonl")
+    message = error_of(
+        ["--model", model, "--data", local, "--data", local, "--output-dir", str(tmp_path / "o")], capsys
+    )
+    assert "named 'colours'" in message
     message = error_of(["--model", model, "--data", "my_benchmrk.jsonl", "--output-dir", str(tmp_path)], capsys)
     assert message == "vppo-trl eval: error: Data file or folder 'my_benchmrk.jsonl' does not exist.\n"
     message = error_of(["--regrade", "--output-dir", str(tmp_path / "empty")], capsys)

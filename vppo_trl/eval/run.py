@@ -69,8 +69,13 @@ class EvalConfig:
             raise ValueError("--model is required (a Hub model id or a local folder).")
         if not self.benchmarks and not self.data:
             raise ValueError("Nothing to evaluate: pass --benchmarks NAME,... and/or --data FILE_OR_FOLDER.")
-        if self.benchmarks:
-            resolve_benchmarks(self.benchmarks)  # fails on an unknown name
+        names = [benchmark.name for benchmark in resolve_benchmarks(self.benchmarks)] if self.benchmarks else []
+        names += [data_name(source) for source in self.data]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"Two benchmarks or data files are named {repeated[0]!r}; rename one (names key samples)."
+            )
         for name, value, low in (
             ("k", self.k, 1),
             ("batch_size", self.batch_size, 1),
@@ -172,6 +177,11 @@ def _make_backend(config: EvalConfig, device):
     return HFBackend(model, processor, **sampling)
 
 
+def data_name(source: str) -> str:
+    """The name a local data file or folder is reported under: its file name without extension."""
+    return Path(source.rstrip("/")).stem
+
+
 def _suites(config: EvalConfig, output_dir: Path):
     """(name, title, dataset) of every benchmark and local data source of the run, loaded lazily."""
     common = dict(on_bad_row=config.on_bad_row, instruction_suffix=config.instruction_suffix)
@@ -184,7 +194,7 @@ def _suites(config: EvalConfig, output_dir: Path):
             ),
         )
     for source in config.data:
-        name = Path(source.rstrip("/")).stem
+        name = data_name(source)
         yield name, name, lambda s=source: load_vppo_dataset(s, "test", max_rows=config.max_problems, **common)[0]
 
 
