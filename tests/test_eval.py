@@ -269,6 +269,24 @@ def test_accelerate_launch_shards_problems_and_matches_one_process(workspace, tm
         assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
 
 
+def test_checkpoint_generation_config_does_not_override_the_protocol(workspace, tmp_path):
+    """Qwen2.5-VL ships top_k=1, top_p=0.001: with it, k samples would be one. The protocol's sampling wins."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    shutil.copytree(workspace / "model", tmp_path / "model")
+    greedy = GenerationConfig.from_pretrained(tmp_path / "model")
+    greedy.update(do_sample=True, top_k=1, top_p=0.001, temperature=0.1, repetition_penalty=1.05)
+    greedy.save_pretrained(tmp_path / "model")
+    local = str(workspace / "local" / "colours.jsonl")
+    run_cli(["--model", str(tmp_path / "model"), "--data", local, "--output-dir", str(tmp_path / "run"), "--k", "4",
+             "--max-new-tokens", "6", "--device", "cpu"])  # fmt: skip
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    for problem in {s["problem_id"] for s in samples}:
+        assert len({s["completion"] for s in samples if s["problem_id"] == problem}) > 1
+
+
 def test_python_api(workspace, tmp_path):
     config = EvalConfig(model=str(workspace / "model"), data=[str(workspace / "local" / "colours.jsonl")],
                         output_dir=str(tmp_path / "api"), k=3, max_new_tokens=4, device="cpu")  # fmt: skip
@@ -320,7 +338,8 @@ def test_vllm_arguments():
         "limit_mm_per_prompt": {"image": 8}, "max_model_len": 8192,
     }  # fmt: skip
     assert vllm_sampling_kwargs(8, temperature=1.0, top_p=0.99, max_new_tokens=2048, seed=5) == {
-        "n": 8, "temperature": 1.0, "top_p": 0.99, "max_tokens": 2048, "seed": 5,
+        "n": 8, "temperature": 1.0, "top_p": 0.99, "top_k": -1, "repetition_penalty": 1.0, "max_tokens": 2048,
+        "seed": 5,
     }  # fmt: skip
     with pytest.raises(ValueError, match="tensor-parallel-size"):
         vllm_engine_kwargs("m", tensor_parallel_size=0)

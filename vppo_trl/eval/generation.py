@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers import GenerationConfig
 from trl.data_utils import prepare_multimodal_messages
 
 VLLM_MISSING = (
@@ -45,6 +46,25 @@ class HFBackend:
         pad = model.generation_config.pad_token_id
         self.stop_ids |= {pad} if pad is not None else set()
 
+    def _generation_config(self, k: int) -> GenerationConfig:
+        """
+        The protocol's sampling and nothing else: a checkpoint's own `generation_config.json` is not inherited
+        (Qwen2.5-VL's sets top_k=1, top_p=0.001 and repetition_penalty=1.05, which would turn k samples into one).
+        """
+        own = self.model.generation_config
+        return GenerationConfig(
+            do_sample=self.temperature > 0,
+            temperature=self.temperature if self.temperature > 0 else None,
+            top_p=self.top_p if self.temperature > 0 else None,
+            top_k=0 if self.temperature > 0 else None,
+            repetition_penalty=1.0,
+            max_new_tokens=self.max_new_tokens,
+            num_return_sequences=k,
+            bos_token_id=own.bos_token_id,
+            eos_token_id=own.eos_token_id,
+            pad_token_id=own.pad_token_id,
+        )
+
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], images: list[list[Image.Image]], k: int, seed: int):
         # Rendered, then processed with padding, as GRPOTrainer does; left padding so that completions follow prompts.
@@ -56,14 +76,8 @@ class HFBackend:
         inputs = self.processor(
             text=texts, images=flat_images or None, padding=True, padding_side="left", return_tensors="pt"
         ).to(self.model.device)
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
         torch.manual_seed(seed)
-        output = self.model.generate(
-            **inputs,
-            **(sampling if self.temperature > 0 else {"do_sample": False}),
-            max_new_tokens=self.max_new_tokens,
-            num_return_sequences=k,
-        )
+        output = self.model.generate(**inputs, generation_config=self._generation_config(k))
         completions = output[:, inputs["input_ids"].size(1) :].tolist()
         results = []
         for ids in completions:
@@ -103,7 +117,16 @@ def vllm_engine_kwargs(
 
 def vllm_sampling_kwargs(k: int, *, temperature: float, top_p: float, max_new_tokens: int, seed: int) -> dict:
     """Arguments of one problem's `vllm.SamplingParams`: `k` completions, seeded per problem."""
-    return {"n": k, "temperature": temperature, "top_p": top_p, "max_tokens": max_new_tokens, "seed": seed}
+    # top_k and repetition_penalty explicit: vLLM may otherwise take them from the checkpoint's generation config.
+    return {
+        "n": k,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": -1,
+        "repetition_penalty": 1.0,
+        "max_tokens": max_new_tokens,
+        "seed": seed,
+    }
 
 
 class VLLMBackend:
