@@ -27,6 +27,7 @@ from .core import (
 from .dynamic_sampling import DynamicSamplingMixin
 from .model_card import append_vppo_section
 from .perturbations import PixelLayout, perturb_pixel_values
+from .spotlight_callback import SpotlightCallback, capture_spotlight
 
 logger = logging.get_logger(__name__)
 
@@ -95,6 +96,11 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         self._loss_inputs: dict[str, Any] | None = None  # the inputs of the loss being computed
         self._policy_logps: torch.Tensor | None = None
         self._warned_without_images = False
+        # Set by SpotlightCallback on the steps it writes: keep what `_shape_advantages` measured in `spotlight_batch`.
+        self.spotlight_capture = False
+        self.spotlight_batch = None
+        if args.spotlight_steps > 0:
+            self.add_callback(SpotlightCallback(self))
         columns = getattr(self.train_dataset, "column_names", None)
         if columns is not None and "images" not in columns and "image" not in columns:
             self._warn_without_images()
@@ -225,6 +231,9 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             batch["advantages"] = shaped.unsqueeze(-1) * keep.to(shaped.dtype)
         else:
             batch["advantages"] = shaped
+        if self.spotlight_capture:
+            scales = all_scales[first : first + len(advantages)]
+            self.spotlight_batch = capture_spotlight(self, batch, dependency, mask, keep, measured, scales, advantages)
         self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
 
     def _forward_passes_must_match(self) -> bool:
