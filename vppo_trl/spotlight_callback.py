@@ -1,8 +1,8 @@
 """Token perception during training: every `spotlight_steps` steps, the page of a few completions of the batch.
 
 `VPPOConfig(spotlight_steps=N)` adds a [`SpotlightCallback`] to the trainer. On the steps it writes, it asks the
-trainer to keep a copy of what it measured for the batch (see `VPPOTrainer._shape_advantages`): the token dependencies, the
-TGF mask and the TAS scales of one prompt group, nothing recomputed, no extra forward pass. It writes
+trainer to keep a copy of what it measured for the batch (see `VPPOTrainer._shape_advantages`): the token
+dependencies, the TGF mask and the TAS scales of one prompt group, nothing recomputed, no extra forward pass. It writes
 `output_dir/spotlight/step-N/` (`perception.html`, `perception.png`, `distributions.png`, `perception.json`) and logs
 the pictures and the share of tokens above each dependency threshold to wandb and trackio when they are active.
 """
@@ -143,7 +143,7 @@ class SpotlightCallback(TrainerCallback):
         model_id = getattr(self.trainer.model.config, "_name_or_path", "") or type(self.trainer.model).__name__
         return (
             f"{model_id} · perturbation {args.perturbation}, estimator {args.dependency_estimator}, "
-            f"token_filter_ratio {args.token_filter_ratio}, one draw (the one training used), a prompt group of the batch"
+            f"token_filter_ratio {args.token_filter_ratio}, one draw (the one training used), one prompt group"
         )
 
     @staticmethod

@@ -245,8 +245,8 @@ def perception_page(
         f"<h2>The {heading}</h2>{_legend_html(scale)}{completions}"
         "<footer>Visual dependency: how much the model's prediction of a token changes when the image is replaced "
         "by its perturbed copy (VPPO, arXiv 2510.09285). Trajectory dependency: its mean over the completion's "
-        "tokens; Trajectory-level Advantage Shaping (TAS) scales each completion's advantage by it. Token-level Gradient "
-        "Filtering (TGF) trains only the boxed tokens, the most image-dependent of each completion.</footer>"
+        "tokens; Trajectory-level Advantage Shaping (TAS) scales each completion's advantage by it. Token-level "
+        "Gradient Filtering (TGF) trains only the boxed tokens, the most image-dependent of each completion.</footer>"
         "</body></html>\n"
     )
 
@@ -395,8 +395,9 @@ def save_perception_png(
             )  # fmt: skip
             canvas.text(
                 MARGIN + x + box / 2, top + (LINE_HEIGHT - 6) / 2, text,
-                fontsize=TOKEN_FONT * (0.85 if special else 1), family="monospace", ha="center", va="center", color=text_colour(fraction),
-                fontweight="bold" if kept else "normal", fontstyle="italic" if special else "normal",
+                fontsize=TOKEN_FONT * (0.85 if special else 1), family="monospace", ha="center", va="center",
+                color=text_colour(fraction), fontweight="bold" if kept else "normal",
+                fontstyle="italic" if special else "normal",
             )  # fmt: skip
         y += LINE_HEIGHT * (1 + max((box[1] for box in layout), default=0)) + 8
     figure.savefig(path, dpi=dpi, facecolor="#fafafa")
