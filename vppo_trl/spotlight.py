@@ -408,16 +408,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="spotlight", help="Folder the files are written to.")
     args = parser.parse_args(argv)
 
+    def fail(message: str):
+        """One line naming the problem (argparse's `error` would print the whole usage first)."""
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
     if args.num_completions < 1 or args.draws < 1 or args.max_new_tokens < 1:
-        parser.error("--num-completions, --draws and --max-new-tokens must be >= 1")
+        fail("--num-completions, --draws and --max-new-tokens must be >= 1")
     images = []
     for path in args.image:
         if not Path(path).is_file():
-            parser.error(f"image file {path!r} not found")
+            fail(f"image file {path!r} not found")
         try:
             images.append(Image.open(path).convert("RGB"))
         except OSError as error:
-            parser.error(f"cannot read image {path!r}: {error}")
+            fail(f"cannot read image {path!r}: {error}")
     reward_func = None
     if args.answer is not None:
         from .train import resolve_reward_functions
@@ -425,14 +429,14 @@ def main(argv: list[str] | None = None) -> None:
         try:
             (reward_func,) = resolve_reward_functions([args.reward])
         except ValueError as error:
-            parser.error(str(error))
+            fail(str(error))
     if args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
-        parser.error(f"model folder {args.model!r} does not exist")
+        fail(f"model folder {args.model!r} does not exist")
     try:
         model = AutoModelForImageTextToText.from_pretrained(args.model, dtype="auto").to(args.device).eval()
         processor = AutoProcessor.from_pretrained(args.model)
     except (OSError, ValueError) as error:
-        parser.error(f"cannot load model {args.model!r}: {str(error).strip().splitlines()[0]}")
+        fail(f"cannot load model {args.model!r}: {str(error).strip().splitlines()[0]}")
     perturbation_kwargs = {"patch_size": args.patch_size} if args.perturbation == "patch_blackening" else {}
     completions = args.completion
     if completions is None and args.num_completions == 1:
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
             model, processor, args.prompt, images, args.perturbation, args.seed, **perturbation_kwargs
         )
     except ValueError as error:
-        parser.error(str(error))
+        fail(str(error))
     paths = write_spotlight(
         args.output_dir, perceptions, originals, perturbed, args.prompt, title="Token perception",
         subtitle=settings_line(perceptions[0].settings, args.model),
