@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         from .demo import main as demo_main
 
-        demo_main(rest)
+        demo_main(rest, prog="vppo-trl demo")
     else:
         from .spotlight import main as spotlight_main
 

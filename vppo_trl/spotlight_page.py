@@ -70,10 +70,20 @@ def text_colour(fraction: float) -> str:
 
 
 def shown_text(text: str) -> str:
-    """A whitespace-only token as visible marks (a shaded blank box would hide what it is)."""
+    """
+    A token as it is shown: spaces of a whitespace-only token as `␣` (a shaded blank box would hide what it is), tabs
+    as `⇥` and other control characters escaped (`\\x0c`); newlines stay (the page breaks the line there).
+    """
     if text and not text.strip(" "):
         return text.replace(" ", "␣")
-    return text
+    return "".join(
+        "⇥"
+        if char == "\t"
+        else f"\\x{ord(char):02x}"
+        if (ord(char) < 32 and char != "\n") or ord(char) == 127
+        else char
+        for char in text
+    )
 
 
 def format_value(value: float) -> str:
