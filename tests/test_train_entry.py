@@ -4,6 +4,7 @@ import random
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -203,15 +204,25 @@ def test_train_help_lists_the_recipe_fields(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: vppo-trl train")
+    assert "  --config RECIPE.yaml  YAML recipe whose keys set the fields below" in out  # an option, not only prose
     for flag in ("--config", "--dataset_name", "--reward_funcs", "--token_filter_ratio", "--lora_r", "--use_vllm"):
         assert flag in out
 
 
 def test_demo_is_forwarded(monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "vppo_trl.demo", types.SimpleNamespace(main=calls.append))
+    demo = types.SimpleNamespace(main=lambda argv, prog: calls.append((argv, prog)))
+    monkeypatch.setitem(sys.modules, "vppo_trl.demo", demo)
     cli.main(["demo", "--steps", "3", "--output-dir", "out"])
-    assert calls == [["--steps", "3", "--output-dir", "out"]]
+    assert calls == [(["--steps", "3", "--output-dir", "out"], "vppo-trl demo")]
+
+
+def test_demo_help_names_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: vppo-trl demo") and "--compare {grpo}" in out
 
 
 def test_a_command_is_required(capsys):
@@ -262,3 +273,15 @@ def test_missing_recipe_file(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", "no-such-recipe.yaml"])
     assert "No such file or directory: 'no-such-recipe.yaml'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", [[], ["--gradient_checkpointing", "true"]])
+def test_recipe_parses_without_a_deprecation_warning(override):
+    from vppo_trl.train import parse_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, training_args, _ = parse_args(["--config", str(CPU_DEMO), *override])
+    expected = bool(override)  # the recipe turns it off, the override back on
+    assert training_args.gradient_checkpointing is expected
+    assert getattr(training_args, "activation_checkpointing", expected) is expected

@@ -208,6 +208,10 @@ class VPPOConfig(GRPOConfig):
                 f"dynamic_sampling_min={self.dynamic_sampling_min} must be < "
                 f"dynamic_sampling_max={self.dynamic_sampling_max}."
             )
+        if getattr(self, "activation_checkpointing", False) is None:
+            # TRL's default `gradient_checkpointing=True` makes transformers warn, for every config, that this name is
+            # deprecated in favour of `activation_checkpointing`: hand the value over to the new name first.
+            self.activation_checkpointing = self.gradient_checkpointing
         if self.spotlight_steps < 0:
             raise ValueError(f"spotlight_steps={self.spotlight_steps} must be >= 0 (0 turns the spotlight off).")
         if self.spotlight_completions < 1:

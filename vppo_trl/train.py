@@ -13,6 +13,7 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml -m vppo_trl.train 
 The recipe's keys are the fields of [`VPPOScriptArguments`], [`VPPOConfig`] and [`~trl.ModelConfig`].
 """
 
+import argparse
 import importlib
 import os
 import sys
@@ -107,12 +108,21 @@ class VPPOScriptArguments:
 
 def make_parser(prog: str | None = None) -> TrlParser:
     """The parser of the training script: the recipe's keys and the command-line flags share the same names."""
-    return TrlParser(
+    parser = TrlParser(
         (VPPOScriptArguments, VPPOConfig, ModelConfig),
         prog=prog,
         description="Train a vision-language model with VPPO. Pass a recipe with --config <recipe>.yaml; any flag "
         "below overrides the recipe's value.",
     )
+    # TrlParser reads `--config` itself before parsing; listed here so that --help shows it. SUPPRESS keeps it out of
+    # the parsed namespace, which must hold dataclass fields only.
+    parser.add_argument(
+        "--config",
+        metavar="RECIPE.yaml",
+        default=argparse.SUPPRESS,
+        help="YAML recipe whose keys set the fields below (see recipes/); flags on the command line override it.",
+    )
+    return parser
 
 
 def resolve_reward_functions(names: list[str]) -> list[Callable[..., list[float]]]:

@@ -465,7 +465,8 @@ class VPPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         """TRL's model card (base model, dataset, trainer, citations), plus a section with the run's VPPO settings."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if self.is_world_process_zero():
-            append_vppo_section(os.path.join(self.args.output_dir, "README.md"), self.args)
+            base_model = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
+            append_vppo_section(os.path.join(self.args.output_dir, "README.md"), self.args, base_model)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss: GRPO's, plus the entropy penalty on the current policy's log-probs
