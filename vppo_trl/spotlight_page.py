@@ -435,26 +435,29 @@ def save_distributions_png(
     values = np.asarray(token_dependencies, dtype=float)
     shares = shares_above(values.tolist(), thresholds)
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), width_ratios=(3, 2))
-    positive = values[values > 0]
     floor = 1e-8
-    clipped = np.clip(positive, floor, None)
-    top = max(float(clipped.max()) if clipped.size else 1.0, 10.0)
-    bins = np.logspace(math.log10(floor), math.log10(top), 50)
-    left.hist(clipped, bins=bins, color="#e8590c", alpha=0.85)
-    left.set_xscale("log")
-    left.set_xlabel(f"token visual dependency (values below {floor:g} drawn at {floor:g})")
+
+    def log_histogram(axis, data: np.ndarray, colour: str, bins: int) -> None:
+        clipped = np.clip(data[data > 0], floor, None)
+        top = max(float(clipped.max()) if clipped.size else 1.0, 10.0)
+        axis.hist(clipped, bins=np.logspace(math.log10(floor), math.log10(top), bins), color=colour, alpha=0.85)
+        axis.set_xscale("log")
+        axis.yaxis.get_major_locator().set_params(integer=True)
+
+    log_histogram(left, values, "#e8590c", 50)
+    left.set_xlabel(f"token visual dependency (log scale; below {floor:g} drawn at {floor:g})")
     left.set_ylabel("tokens")
     zero = int((values <= 0).sum())
     left.set_title(f"{len(values)} tokens" + (f" ({zero} exactly 0, not drawn)" if zero else ""), fontsize=10)
-    for threshold, share in shares.items():
+    for threshold in thresholds:
         left.axvline(threshold, color="#1552c8", linestyle="--", linewidth=1)
-        left.text(threshold, 0.97, f" > {threshold:g}: {share:.1%}", transform=left.get_xaxis_transform(),
-                  fontsize=8, color="#1552c8", va="top", rotation=90)  # fmt: skip
-    trajectories = np.asarray(trajectory_dependencies, dtype=float)
-    right.hist(trajectories, bins=min(30, max(5, len(trajectories))), color="#5b6abf", alpha=0.85)
+    share_text = "share of tokens above\n" + "\n".join(f"{t:g}: {share:.1%}" for t, share in shares.items())
+    left.text(0.02, 0.96, share_text, transform=left.transAxes, fontsize=8.5, color="#1552c8", va="top",
+              bbox={"facecolor": "white", "edgecolor": "#1552c8", "alpha": 0.9})  # fmt: skip
+    log_histogram(right, np.asarray(trajectory_dependencies, dtype=float), "#5b6abf", 30)
     right.set_xlabel("trajectory dependency (mean over a completion's tokens)")
     right.set_ylabel("completions")
-    right.set_title(f"{len(trajectories)} completions", fontsize=10)
+    right.set_title(f"{len(trajectory_dependencies)} completions", fontsize=10)
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()
