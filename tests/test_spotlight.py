@@ -203,6 +203,15 @@ def test_command_line_bad_input_gets_one_line(tmp_path, capsys, change, message)
     assert not (tmp_path / "spot").exists()
 
 
+def test_every_option_has_help_text():
+    from vppo_trl.spotlight import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    assert "perception.html" in parser.description
+
+
 def test_perturbed_views_are_the_processed_images():
     model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
     image = make_shape_image("green", random.Random(4))

@@ -7,6 +7,7 @@ reward each gets. `vppo_trl.spotlight_page` draws them (HTML page, PNG, distribu
 command line.
 """
 
+import argparse
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -353,16 +354,25 @@ def write_spotlight(
     return paths
 
 
+# The perturbation settings each perturbation reads.
+PERTURBATION_SETTINGS = {
+    "patch_blackening": ("patch_size", "prob"),
+    "gaussian_noise": ("noise_std",),
+    "gaussian_blur": ("blur_radius",),
+    "solid": (),
+}
+
+
 def settings_line(settings: dict, model_name: str) -> str:
-    return f"{model_name} · " + ", ".join(f"{key} {value}" for key, value in settings.items() if value is not None)
+    """The model and the measurement settings, less those the chosen perturbation does not read."""
+    unused = {key for keys in PERTURBATION_SETTINGS.values() for key in keys}
+    unused -= set(PERTURBATION_SETTINGS.get(settings.get("perturbation"), ()))
+    shown = [f"{key} {value}" for key, value in settings.items() if value is not None and key not in unused]
+    return f"{model_name} · " + ", ".join(shown)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`vppo-trl spotlight`: an HTML page, a PNG and a JSON file of the token perception of a model's answers."""
-    import argparse
-
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `vppo-trl spotlight`."""
     from .config import PERTURBATIONS
     from .rewards import REWARD_FUNCTIONS
 
@@ -393,7 +403,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="Sampling and scoring temperature.")
     parser.add_argument("--perturbation", choices=PERTURBATIONS, default="patch_blackening",
                         help="How the image is made uninformative (as VPPOConfig.perturbation).")  # fmt: skip
-    parser.add_argument("--patch-size", type=int, default=14, help="Patch side in pixels for patch_blackening.")
+    parser.add_argument("--patch-size", type=int, default=14, help="Patch side in pixels (patch_blackening).")
+    parser.add_argument("--perturbation-prob", type=float, default=0.5,
+                        help="Probability that a patch is blackened (patch_blackening).")  # fmt: skip
+    parser.add_argument("--noise-std", type=float, default=189.0, help="Noise sigma, 0-255 units (gaussian_noise).")
+    parser.add_argument("--blur-radius", type=float, default=6.0, help="Blur radius in pixels (gaussian_blur).")
     parser.add_argument("--estimator", choices=("k3", "kl"), default="k3",
                         help="Token dependency estimator (as VPPOConfig.dependency_estimator).")  # fmt: skip
     parser.add_argument("--token-filter-ratio", type=float, default=0.4,
@@ -406,6 +420,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="Device the model runs on.")  # fmt: skip
     parser.add_argument("--output-dir", default="spotlight", help="Folder the files are written to.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`vppo-trl spotlight`: an HTML page, a PNG and a JSON file of the token perception of a model's answers."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     def fail(message: str):
@@ -437,7 +459,10 @@ def main(argv: list[str] | None = None) -> None:
         processor = AutoProcessor.from_pretrained(args.model)
     except (OSError, ValueError) as error:
         fail(f"cannot load model {args.model!r}: {str(error).strip().splitlines()[0]}")
-    perturbation_kwargs = {"patch_size": args.patch_size} if args.perturbation == "patch_blackening" else {}
+    # All four, as the trainer passes them: each perturbation reads its own.
+    perturbation_kwargs = dict(
+        patch_size=args.patch_size, prob=args.perturbation_prob, noise_std=args.noise_std, blur_radius=args.blur_radius
+    )
     completions = args.completion
     if completions is None and args.num_completions == 1:
         completions = [None]
