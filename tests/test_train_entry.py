@@ -76,7 +76,8 @@ def test_cpu_demo_recipe_trains_saves_and_reloads(workspace, tmp_path):
 
     for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md"):
         assert (output_dir / name).is_file(), name
-    assert_card_has_vppo_section(output_dir)
+    card = assert_card_has_vppo_section(output_dir)
+    assert "This model is a fine-tuned version of the local model `./tiny-qwen2.5-vl`" in card  # not "[None]"
     reloaded = AutoModelForImageTextToText.from_pretrained(output_dir)
     assert type(reloaded) is type(trainer.model)
     for name, tensor in trainer.model.state_dict().items():
