@@ -74,7 +74,10 @@ def capture_spotlight(
     if not rows or "pixel_values" not in batch:
         return None
     first = rows[0]
-    group = [row for row in rows if _same_prompt(trainer, batch, first, row)][: trainer.args.spotlight_completions]
+    # TRL's sampler puts the completions of a prompt next to each other: only the next rows can share its prompt.
+    candidates = [row for row in rows if row < first + trainer.num_generations]
+    group = [row for row in candidates if _same_prompt(trainer, batch, first, row)]
+    group = group[: trainer.args.spotlight_completions]
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     perceptions = []
     for row in group:
