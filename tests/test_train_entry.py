@@ -64,7 +64,10 @@ def assert_card_has_vppo_section(folder: Path) -> str:
 
 def test_cpu_demo_recipe_trains_saves_and_reloads(workspace, tmp_path):
     output_dir = tmp_path / "cpu-demo"
-    trainer = main(["--config", str(CPU_DEMO), *QUICK, "--output_dir", str(output_dir)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = main(["--config", str(CPU_DEMO), *QUICK, "--output_dir", str(output_dir)])
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]  # no deprecation notices
 
     # The command line won over the recipe
     assert trainer.args.max_steps == 2 and trainer.state.global_step == 2 and trainer.args.num_generations == 4

@@ -17,6 +17,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +251,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> VPPOTrainer:
     )
     _report_data(trainer, reports)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    with warnings.catch_warnings():
+        # TRL 1.16 reads `model.is_gradient_checkpointing`, which transformers 5 deprecates, at every generation: a
+        # notice for TRL, that nothing in the user's recipe can change.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("✅ Training completed.")
 
     trainer.save_model(training_args.output_dir)
