@@ -203,6 +203,32 @@ def test_command_line_bad_input_gets_one_line(tmp_path, capsys, change, message)
     assert not (tmp_path / "spot").exists()
 
 
+def test_command_line_distributions_over_a_dataset(tmp_path, capsys):
+    from datasets import Dataset
+
+    from vppo_trl.cli import main
+
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    rng = random.Random(0)
+    answers = ["red", "blue", "green"]
+    rows = {"problem": [COLOUR_QUESTION] * 3, "images": [[make_shape_image(c, rng)] for c in answers]}
+    Dataset.from_dict({**rows, "answer": answers}).to_parquet(tmp_path / "colours.parquet")
+    main(
+        ["spotlight", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "colours.parquet"),
+         "--max-rows", "2", "--num-completions", "2", "--max-new-tokens", "3", "--draws", "1", "--device", "cpu",
+         "--reward", "vppo_trl.testing.colour_reward", "--output-dir", str(tmp_path / "spot")]
+    )  # fmt: skip
+    assert "Share of tokens above: 0.001: " in capsys.readouterr().out
+    summary = json.loads((tmp_path / "spot" / "distributions.json").read_text())
+    assert summary["rows"] == 2 and summary["completions"] == 4
+    assert summary["tokens"] == sum(len(item["tokens"]) for item in summary["completions_detail"])
+    assert all(item["reward"] in (0.0, 1.0) for item in summary["completions_detail"])
+    with Image.open(tmp_path / "spot" / "distributions.png") as picture:
+        assert picture.width > 800
+
+
 def test_every_option_has_help_text():
     from vppo_trl.spotlight import build_parser
 

@@ -354,6 +354,50 @@ def write_spotlight(
     return paths
 
 
+def dataset_distributions(
+    model,
+    processor,
+    dataset,
+    output_dir: str | Path,
+    *,
+    num_completions: int = 4,
+    reward_func: Callable[..., list[float]] | None = None,
+    title: str = "",
+    **perception_kwargs,
+) -> dict[str, Path]:
+    """
+    Token and trajectory dependency distributions over every row of `dataset` (TRL's `prompt`/`images`/`answer`
+    layout, as [`~vppo_trl.data.load_vppo_dataset`] returns): `num_completions` sampled per row. Writes
+    `distributions.png` and `distributions.json` (the shares above each threshold, and every completion's numbers).
+    """
+    from .spotlight_page import save_distributions_png
+
+    perceptions = []
+    for row in dataset:
+        perceptions += sample_perceptions(
+            model, processor, row["prompt"], row["images"], num_completions=num_completions,
+            answer=row.get("answer"), reward_func=reward_func, **perception_kwargs,
+        )  # fmt: skip
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"distributions.png": output / "distributions.png", "distributions.json": output / "distributions.json"}
+    shares = save_distributions_png(
+        [value for item in perceptions for value in item.dependency],
+        [item.trajectory_dependency for item in perceptions],
+        str(paths["distributions.png"]),
+        title=title,
+    )
+    summary = {
+        "rows": len(dataset),
+        "completions": len(perceptions),
+        "tokens": sum(len(item.tokens) for item in perceptions),
+        "share_of_tokens_above": {str(threshold): share for threshold, share in shares.items()},
+        "completions_detail": [asdict(item) for item in perceptions],
+    }
+    paths["distributions.json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return paths
+
+
 # The perturbation settings each perturbation reads.
 PERTURBATION_SETTINGS = {
     "patch_blackening": ("patch_size", "prob"),
@@ -383,8 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
         "distributions.png and perception.json to --output-dir.",
     )
     parser.add_argument("--model", required=True, help="Model id or folder (a VPPO checkpoint, a base model...).")
-    parser.add_argument("--image", action="append", required=True, help="Image file; repeat for several images.")
-    parser.add_argument("--prompt", required=True, help="The question asked about the image(s).")
+    parser.add_argument("--image", action="append", help="Image file; repeat for several images.")
+    parser.add_argument("--prompt", help="The question asked about the image(s).")
+    parser.add_argument(
+        "--dataset",
+        help="Instead of --image and --prompt: the dependency distributions over the first --max-rows rows of a "
+        "dataset (any source `vppo-trl train` reads: a parquet/JSON Lines file, a folder, a Hub id), "
+        "--num-completions sampled per row, rewarded against its answers.",
+    )  # fmt: skip
+    parser.add_argument("--split", default="train", help="Split of --dataset.")
+    parser.add_argument("--max-rows", type=int, default=16, help="Rows of --dataset used.")
     parser.add_argument(
         "--completion", action="append",
         help="An answer to score instead of sampling; repeat to compare several. By default the model answers.",
@@ -434,10 +486,12 @@ def main(argv: list[str] | None = None) -> None:
         """One line naming the problem (argparse's `error` would print the whole usage first)."""
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
-    if args.num_completions < 1 or args.draws < 1 or args.max_new_tokens < 1:
-        fail("--num-completions, --draws and --max-new-tokens must be >= 1")
+    if args.num_completions < 1 or args.draws < 1 or args.max_new_tokens < 1 or args.max_rows < 1:
+        fail("--num-completions, --draws, --max-new-tokens and --max-rows must be >= 1")
+    if args.dataset is None and (args.image is None or args.prompt is None):
+        fail("give --image and --prompt (one prompt's page), or --dataset (distributions over a dataset)")
     images = []
-    for path in args.image:
+    for path in args.image or []:
         if not Path(path).is_file():
             fail(f"image file {path!r} not found")
         try:
@@ -445,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as error:
             fail(f"cannot read image {path!r}: {error}")
     reward_func = None
-    if args.answer is not None:
+    if args.answer is not None or args.dataset is not None:
         from .train import resolve_reward_functions
 
         try:
@@ -463,6 +517,24 @@ def main(argv: list[str] | None = None) -> None:
     perturbation_kwargs = dict(
         patch_size=args.patch_size, prob=args.perturbation_prob, noise_std=args.noise_std, blur_radius=args.blur_radius
     )
+    if args.dataset is not None:
+        from .data import load_vppo_dataset
+
+        try:
+            dataset, _ = load_vppo_dataset(args.dataset, args.split, max_rows=args.max_rows)
+            paths = dataset_distributions(
+                model, processor, dataset, args.output_dir, num_completions=args.num_completions,
+                reward_func=reward_func, title=f"{args.model} on {args.dataset} ({len(dataset)} rows)",
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                perturbation=args.perturbation, estimator=args.estimator, token_filter_ratio=args.token_filter_ratio,
+                draws=args.draws, **perturbation_kwargs,
+            )  # fmt: skip
+        except (ValueError, FileNotFoundError) as error:
+            fail(str(error).strip().splitlines()[0])
+        shares = json.loads(paths["distributions.json"].read_text())["share_of_tokens_above"]
+        print("Share of tokens above: " + ", ".join(f"{key}: {value:.1%}" for key, value in shares.items()))
+        print("Wrote " + ", ".join(str(path) for path in paths.values()))
+        return
     completions = args.completion
     if completions is None and args.num_completions == 1:
         completions = [None]
