@@ -96,6 +96,9 @@ def test_special_tokens_by_name_and_split_characters_without_replacement_charact
     assert texts[-1] == "<|im_end|>" and special[-1] and not any(special[:-1])
     assert not any("\ufffd" in text for text in texts)
     assert "".join(text for text in texts[:-1] if text != "·") == "red é ✓"
+    # The first byte of "é" alone completes no character: shown by its vocabulary entry, marked
+    fragment, marked = display_tokens(tokenizer, ids[2:3])
+    assert "\ufffd" not in fragment[0] and marked == [True]
 
 
 def test_page_renders_in_a_browser_with_the_image_and_shaded_tokens(tmp_path):

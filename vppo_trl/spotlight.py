@@ -59,7 +59,8 @@ def display_tokens(tokenizer, token_ids: Sequence[int]) -> tuple[list[str], list
 
     Special tokens are shown by name (`<|im_end|>`). A character split over several byte-level tokens (an accent, an
     emoji, CJK) decodes to a replacement character token by token: its text goes on the first token of the split and
-    the others show `CONTINUATION`.
+    the others show `CONTINUATION`. A byte fragment that completes no character is shown by its vocabulary entry,
+    marked like a special token.
     """
     special_ids = set(tokenizer.all_special_ids)
     special_ids.update(index for index, token in tokenizer.added_tokens_decoder.items() if token.special)
@@ -74,20 +75,23 @@ def display_tokens(tokenizer, token_ids: Sequence[int]) -> tuple[list[str], list
             continue
         end = position + 1
         text = tokenizer.decode(ids[position:end])
-        while text.endswith("\ufffd") and end < len(ids) and ids[end] not in special_ids:
-            if end - position >= MAX_CHARACTER_TOKENS:
-                break
-            longer = tokenizer.decode(ids[position : end + 1])
+        while (
+            text.endswith("\ufffd")
+            and end < len(ids)
+            and ids[end] not in special_ids
+            and end - position < MAX_CHARACTER_TOKENS
+        ):
             end += 1
-            text = longer
-            if not longer.endswith("\ufffd"):
-                break
-        if text.endswith("\ufffd") and end - position > 1:
-            end, text = position + 1, tokenizer.decode(ids[position : position + 1])  # never completes: one by one
-        texts.append(text)
-        special.append(False)
-        texts.extend([CONTINUATION] * (end - position - 1))
-        special.extend([False] * (end - position - 1))
+            text = tokenizer.decode(ids[position:end])
+        if "\ufffd" in text:  # a fragment that completes no character: its vocabulary entry, alone
+            end = position + 1
+            texts.append(tokenizer.convert_ids_to_tokens(ids[position]))
+            special.append(True)
+        else:
+            texts.append(text)
+            special.append(False)
+            texts.extend([CONTINUATION] * (end - position - 1))
+            special.extend([False] * (end - position - 1))
         position = end
     return texts, special
 
