@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         from .demo import main as demo_main
 
-        demo_main(rest)
+        demo_main(rest, prog="vppo-trl demo")
     elif args.command == "eval":
         from .eval import main as eval_main
 

@@ -77,6 +77,14 @@ class VPPOConfig(GRPOConfig):
             What to do when `dynamic_sampling_max_rounds` extra rounds did not fill the batch: `"continue"` tops it up
             with uninformative groups (zero advantage) and logs `dynamic_sampling/batch_fill`; `"raise"` stops training
             with a `RuntimeError`. When the data runs out (end of an epoch), training always continues.
+        spotlight_steps (`int`, *optional*, defaults to `0`):
+            Every `spotlight_steps` optimizer steps, write the token-perception page of a few completions of the
+            current batch (their tokens shaded by visual dependency, the TGF-kept ones boxed, their TAS scales) and
+            the batch's dependency distributions to `output_dir/spotlight/step-N/`, and log them to wandb and trackio
+            when they are active. It reuses the dependencies training measured: no extra forward pass. `0` turns it
+            off.
+        spotlight_completions (`int`, *optional*, defaults to `4`):
+            Completions of one prompt group shown on each spotlight page.
     """
 
     perturbation: str = field(
@@ -152,6 +160,17 @@ class VPPOConfig(GRPOConfig):
         },
     )
 
+    spotlight_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every N optimizer steps, write the token-perception page of a few completions of the batch to "
+            "output_dir/spotlight/step-N/ (and log it to wandb/trackio); 0 turns it off."
+        },
+    )
+    spotlight_completions: int = field(
+        default=4, metadata={"help": "Completions of one prompt group shown on each spotlight page."}
+    )
+
     def __post_init__(self):
         # VPPO's own fields first, so that their errors are not hidden behind the hardware checks of the parent.
         if self.perturbation not in PERTURBATIONS:
@@ -199,6 +218,14 @@ class VPPOConfig(GRPOConfig):
                 f"dynamic_sampling_min={self.dynamic_sampling_min} must be < "
                 f"dynamic_sampling_max={self.dynamic_sampling_max}."
             )
+        if getattr(self, "activation_checkpointing", False) is None:
+            # TRL's default `gradient_checkpointing=True` makes transformers warn, for every config, that this name is
+            # deprecated in favour of `activation_checkpointing`: hand the value over to the new name first.
+            self.activation_checkpointing = self.gradient_checkpointing
+        if self.spotlight_steps < 0:
+            raise ValueError(f"spotlight_steps={self.spotlight_steps} must be >= 0 (0 turns the spotlight off).")
+        if self.spotlight_completions < 1:
+            raise ValueError(f"spotlight_completions={self.spotlight_completions} must be >= 1.")
         if not self.dynamic_sampling_reward:
             raise ValueError("dynamic_sampling_reward must name a reward function, or be 'total'.")
         super().__post_init__()

@@ -18,6 +18,7 @@ import difflib
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,12 +175,21 @@ def _convert(action: argparse.Action, key: str, value: Any) -> Any:
 
 def make_parser(prog: str | None = None) -> TrlParser:
     """The parser of the training script: the recipe's keys and the command-line flags share the same names."""
-    return RecipeParser(
+    parser = RecipeParser(
         (VPPOScriptArguments, VPPOConfig, ModelConfig),
         prog=prog,
         description="Train a vision-language model with VPPO. Pass a recipe with --config <recipe>.yaml; any flag "
         "below overrides the recipe's value.",
     )
+    # TrlParser reads `--config` itself before parsing; listed here so that --help shows it. SUPPRESS keeps it out of
+    # the parsed namespace, which must hold dataclass fields only.
+    parser.add_argument(
+        "--config",
+        metavar="RECIPE.yaml",
+        default=argparse.SUPPRESS,
+        help="YAML recipe whose keys set the fields below (see recipes/); flags on the command line override it.",
+    )
+    return parser
 
 
 def resolve_reward_functions(names: list[str]) -> list[Callable[..., list[float]]]:
@@ -357,8 +367,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> VPPOTrainer:
 
     resume = training_args.resume_from_checkpoint
     try:
-        # `--resume_from_checkpoint true` (as in TRL's scripts) means the newest complete checkpoint of output_dir.
-        trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+        with warnings.catch_warnings():
+            # TRL 1.16 reads `model.is_gradient_checkpointing`, which transformers 5 deprecates, at every generation:
+            # a notice for TRL, that nothing in the user's recipe can change.
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            # `--resume_from_checkpoint true` (as in TRL's scripts) means the newest complete checkpoint of output_dir.
+            trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     except BadInputError as error:  # e.g. a prompt longer than the model's context; saved checkpoints stay
         print(file=sys.stderr)  # end the line of the progress bar
         _exit_with_error(prog, error)

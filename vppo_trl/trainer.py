@@ -30,6 +30,7 @@ from .dynamic_sampling import DynamicSamplingMixin
 from .guards import NonFiniteLossGuardMixin
 from .model_card import append_vppo_section
 from .perturbations import PixelLayout, perturb_pixel_values
+from .spotlight_callback import SpotlightCallback, capture_spotlight
 from .vision_sync import ImagelessProcessMixin
 
 logger = logging.get_logger(__name__)
@@ -97,6 +98,11 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
         self._loss_inputs: dict[str, Any] | None = None  # the inputs of the loss being computed
         self._policy_logps: torch.Tensor | None = None
         self._warned_without_images = False
+        # Set by SpotlightCallback on the steps it writes: keep what `_shape_advantages` measured in `spotlight_batch`.
+        self.spotlight_capture = False
+        self.spotlight_batch = None
+        if args.spotlight_steps > 0:
+            self.add_callback(SpotlightCallback(self))
         columns = getattr(self.train_dataset, "column_names", None)
         if columns is not None and "images" not in columns and "image" not in columns:
             self._warn_without_images()
@@ -236,6 +242,9 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             batch["advantages"] = shaped.unsqueeze(-1) * keep.to(shaped.dtype)
         else:
             batch["advantages"] = shaped
+        if self.spotlight_capture:
+            scales = all_scales[first : first + len(advantages)]
+            self.spotlight_batch = capture_spotlight(self, batch, dependency, mask, keep, measured, scales, advantages)
         self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
 
     def _visual_dependency(
@@ -424,7 +433,8 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
         """TRL's model card (base model, dataset, trainer, citations), plus a section with the run's VPPO settings."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if self.is_world_process_zero():
-            append_vppo_section(os.path.join(self.args.output_dir, "README.md"), self.args)
+            base_model = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
+            append_vppo_section(os.path.join(self.args.output_dir, "README.md"), self.args, base_model)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss: GRPO's, plus the entropy penalty on the current policy's log-probs
