@@ -1,10 +1,10 @@
 """Learning in miniature: GRPO, VPPO and its ablations trained from the same warm start on two CPU colour tasks.
 
-`python benchmarks/learning.py` trains a tiny Qwen2.5-VL (the CPU demo's model, `vppo_trl.demo`) with five methods that
-differ only in VPPO's switches, from the same format-only warm start, with the same budget and GRPO settings:
+`python benchmarks/learning.py` trains a tiny Qwen2.5-VL (the CPU demo's model and building blocks, `vppo_trl.demo`)
+with five methods that differ only in VPPO's switches, from the same warm start, with the same budget and settings:
 
-| method     | VPPOConfig                                                      |
-|------------|-----------------------------------------------------------------|
+| method     | VPPOConfig                                                       |
+|------------|------------------------------------------------------------------|
 | `grpo`     | `token_filter_ratio=1.0, advantage_shaping=False` (exactly GRPO) |
 | `vppo`     | the defaults: TGF keeps 40% of tokens by dependency, TAS on      |
 | `tgf_only` | `advantage_shaping=False`                                        |
@@ -19,10 +19,17 @@ Two tasks, both the demo's "What colour is the shape?" with a fresh image per pr
 - `filler`: the warm start teaches `w1 w2 w3 w4 <colour><|im_end|>` with four free filler words; the reward is 1 when
   the first colour word of the answer is right. Only the colour token can depend on the image; TGF keeps 3 of 6.
 
+Settings shared by every method (chosen for the CPU budget, not tuned for any method): the demo's optimiser (AdamW,
+lr 1e-3 constant, vision tower x5), G = 8 completions of `--prompts-per-step` 4 prompts (the demo uses 8), temperature
+1, no KL (the demo uses 0.2), the vision special tokens masked in the output layer. The warm start is the demo's
+(60 supervised steps of answer format) except that `--warm-start-seen` 0.5 of its answers name the image's colour
+instead of a random one (0 gives the demo's format-only start).
+
 Every method logs the visual dependency of every batch (the perturbed pass runs for GRPO too, only its result is
 unused), which gives the share of colour tokens TGF keeps and the dependency of colour vs other tokens. Runs go to
 worker processes; each run's log is written as soon as it ends (`runs/*.json`), then the summary (`summary.json`,
-`LEARNING_RESULTS.md`) and the plot (`learning.png`). `--smoke` runs a few steps of everything (the tests use it).
+`LEARNING_RESULTS.md`) and the plot (`learning.png`). `--smoke` runs a few steps of everything (the tests use it);
+`--from-runs` only re-summarises the runs already written.
 """
 
 from __future__ import annotations
@@ -72,9 +79,18 @@ WINDOW = 20  # steps of the moving average that steps-to-threshold and the final
 THRESHOLD = 0.5  # chance is 0.25
 
 
-def filler_answer(rng: random.Random) -> str:
-    """Warm-start target of the filler task: free filler words, then a colour drawn independently of the image."""
-    return " ".join([*(rng.choice(FILLERS) for _ in range(NUM_FILLERS)), rng.choice(COLOURS)])
+def warm_start_answer(task: str, seen_share: float):
+    """
+    Warm-start target: the image's colour with probability `seen_share`, else a colour drawn at random, preceded in
+    the filler task by free filler words. With `seen_share=0` the warm start teaches the format only (the demo's).
+    """
+
+    def make_answer(rng: random.Random, colour: str) -> str:
+        said = colour if rng.random() < seen_share else rng.choice(COLOURS)
+        fillers = [rng.choice(FILLERS) for _ in range(NUM_FILLERS)] if task == "filler" else []
+        return " ".join([*fillers, said])
+
+    return make_answer
 
 
 def first_colour_reward(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
@@ -92,14 +108,14 @@ def warm_start_dir(output_dir: Path, task: str, seed: int) -> Path:
     return output_dir / "warm_start" / f"{task}_seed{seed}"
 
 
-def build_warm_start(output_dir: Path, task: str, seed: int, steps: int) -> dict[str, Any]:
+def build_warm_start(output_dir: Path, task: str, seed: int, steps: int, seen_share: float) -> dict[str, Any]:
     """The demo's model, tokenizer and format-only warm start for `task`, saved for every method of this seed."""
     extra_words = COLOURS if task == "colour" else COLOURS + FILLERS
     tokenizer = build_tokenizer(extra_words, vocab_size=demo.VOCAB_SIZE)
     tokenizer.padding_side = "left"
     processor = build_processor("qwen2_5_vl", tokenizer)
     model = build_model("qwen2_5_vl", tokenizer, seed=seed)
-    make_answer = demo.random_colour if task == "colour" else filler_answer
+    make_answer = warm_start_answer(task, seen_share)
     loss = demo.warm_start(model, processor, steps, seed=seed + 1, make_answer=make_answer)
     path = warm_start_dir(output_dir, task, seed)
     model.save_pretrained(path)
@@ -140,7 +156,9 @@ def make_recording_trainer_class():
     return RecordingTrainer
 
 
-def train_one(output_dir: Path, task: str, method: str, seed: int, steps: int) -> dict[str, Any]:
+def train_one(
+    output_dir: Path, task: str, method: str, seed: int, steps: int, prompts_per_step: int
+) -> dict[str, Any]:
     """Train one method from the warm start of (`task`, `seed`); returns and writes its per-step log."""
     torch.set_num_threads(1)
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, set_seed
@@ -163,7 +181,7 @@ def train_one(output_dir: Path, task: str, method: str, seed: int, steps: int) -
     config = VPPOConfig(
         output_dir=str(run_dir),
         max_steps=steps,
-        per_device_train_batch_size=demo.PROMPTS_PER_STEP * demo.NUM_GENERATIONS,
+        per_device_train_batch_size=prompts_per_step * demo.NUM_GENERATIONS,
         num_generations=demo.NUM_GENERATIONS,
         max_completion_length=MAX_COMPLETION_LENGTH[task],
         temperature=1.0,
@@ -179,7 +197,7 @@ def train_one(output_dir: Path, task: str, method: str, seed: int, steps: int) -
         seed=seed,
         **METHODS[method],
     )
-    train_dataset = make_colour_dataset(steps * demo.PROMPTS_PER_STEP, seed=seed + 3)
+    train_dataset = make_colour_dataset(steps * prompts_per_step, seed=seed + 3)
     vision = list(policy.model.visual.parameters())
     vision_ids = {id(p) for p in vision}
     optimizer = torch.optim.AdamW(
@@ -208,6 +226,7 @@ def train_one(output_dir: Path, task: str, method: str, seed: int, steps: int) -
     trainer.train()
     seconds = time.perf_counter() - start
     keys = ("reward", "vppo/token_fraction", "vppo/dependency_selected_mean", "vppo/dependency_rejected_mean")
+    keys += ("vppo/advantage_scale_max",)
     keys += ("learning/colour_dependency", "learning/other_dependency", "learning/colour_kept", "learning/tokens_kept")
     log = [{key: entry.get(key) for key in ("step", *keys)} for entry in demo.step_logs(trainer.state.log_history)]
     result = {"task": task, "method": method, "seed": seed, "steps": steps, "train_seconds": seconds, "log": log}
@@ -357,8 +376,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200, help="GRPO/VPPO steps per run (8 prompts x 8 completions).")
+    parser.add_argument("--steps", type=int, default=120, help="GRPO/VPPO steps per run.")
     parser.add_argument("--warm-start-steps", type=int, default=60)
+    parser.add_argument(
+        "--warm-start-seen",
+        type=float,
+        default=0.5,
+        help="Share of warm-start answers that name the image's colour (0: format only, as in the demo).",
+    )
+    parser.add_argument(
+        "--prompts-per-step", type=int, default=4, help=f"Prompts per step, x {demo.NUM_GENERATIONS} completions."
+    )
     parser.add_argument("--workers", type=int, default=2, help="Runs trained in parallel, one process each.")
     parser.add_argument("--output-dir", type=Path, default=Path("learning_output"))
     parser.add_argument("--smoke", action="store_true", help="2 steps of every run, 1 seed (CI).")
@@ -382,7 +410,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = [json.loads(path.read_text()) for path in sorted((output_dir / "runs").glob("*.json"))]
         return write_outputs(args, output_dir, [], results, start)
     warm = [
-        build_warm_start(output_dir, task, seed, args.warm_start_steps) for task in args.tasks for seed in args.seeds
+        build_warm_start(output_dir, task, seed, args.warm_start_steps, args.warm_start_seen)
+        for task in args.tasks
+        for seed in args.seeds
     ]
     print(
         f"warm starts built in {time.perf_counter() - start:.0f} s: "
@@ -391,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     jobs = [(task, method, seed) for seed in args.seeds for task in args.tasks for method in args.methods]
     results = []
-    train = partial(train_one, output_dir, steps=args.steps)
+    train = partial(train_one, output_dir, steps=args.steps, prompts_per_step=args.prompts_per_step)
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(train, task, method, seed) for task, method, seed in jobs]

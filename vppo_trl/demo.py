@@ -124,7 +124,8 @@ def prompt_texts(processor: Any, prompts: list) -> list[str]:
     return [processor.apply_chat_template(prompt, add_generation_prompt=True) for prompt in prompts]
 
 
-def random_colour(rng: random.Random) -> str:
+def random_colour(rng: random.Random, colour: str) -> str:
+    """The demo's warm-start answer: a colour drawn independently of the image's `colour`."""
     return rng.choice(COLOURS)
 
 
@@ -133,9 +134,9 @@ def warm_start(
     processor: Any,
     steps: int,
     seed: int,
-    make_answer: Callable[[random.Random], str] = random_colour,
+    make_answer: Callable[[random.Random, str], str] = random_colour,
 ) -> float:
-    """Teach the answer format (`make_answer`, then <|im_end|>) on random colours; returns the last loss."""
+    """Teach the answer format (`make_answer(rng, colour)`, then <|im_end|>); returns the last loss."""
     dataset = make_colour_dataset(steps * WARM_START_BATCH, seed=seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=WARM_START_LR)
@@ -145,7 +146,7 @@ def warm_start(
     for step in range(steps):
         rows = dataset[step * WARM_START_BATCH : (step + 1) * WARM_START_BATCH]
         # The target ignores the image: the model learns what an answer looks like, not which one is right.
-        answers = [make_answer(rng) + end_of_turn for _ in rows["prompt"]]
+        answers = [make_answer(rng, colour) + end_of_turn for colour in rows["answer"]]
         texts = [text + answer for text, answer in zip(prompt_texts(processor, rows["prompt"]), answers, strict=True)]
         inputs = processor(text=texts, images=rows["images"], return_tensors="pt", padding=True)
         labels = inputs["input_ids"].clone()
