@@ -264,9 +264,9 @@ def metric_mean(log: list[dict], key: str, last: int | None = None) -> float | N
 def summarise(results: list[dict[str, Any]], window: int, threshold: float) -> dict[str, Any]:
     """Per task and method, over seeds: steps to threshold, final reward, TGF's colour-token share and dependencies."""
     summary: dict[str, Any] = {}
-    for task in dict.fromkeys(r["task"] for r in results):
+    for task in sorted({r["task"] for r in results}, key=TASKS.index):
         summary[task] = {}
-        for method in dict.fromkeys(r["method"] for r in results if r["task"] == task):
+        for method in sorted({r["method"] for r in results if r["task"] == task}, key=list(METHODS).index):
             runs = sorted((r for r in results if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
             rewards = [[row["reward"] for row in r["log"]] for r in runs]
             reached = [steps_to_threshold(values, window, threshold) for values in rewards]
@@ -330,8 +330,8 @@ def plot(results: list[dict[str, Any]], window: int, threshold: float, path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in results))
-    methods = list(dict.fromkeys(r["method"] for r in results))
+    tasks = sorted({r["task"] for r in results}, key=TASKS.index)
+    methods = sorted({r["method"] for r in results}, key=list(METHODS).index)
     colours = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))
     figure, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 8), squeeze=False, height_ratios=(3, 2))
     for column, task in enumerate(tasks):
