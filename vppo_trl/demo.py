@@ -145,7 +145,7 @@ def warm_start(
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         rows = dataset[step * WARM_START_BATCH : (step + 1) * WARM_START_BATCH]
-        # The target ignores the image: the model learns what an answer looks like, not which one is right.
+        # The default target ignores the image: the model learns what an answer looks like, not which one is right.
         answers = [make_answer(rng, colour) + end_of_turn for colour in rows["answer"]]
         texts = [text + answer for text, answer in zip(prompt_texts(processor, rows["prompt"]), answers, strict=True)]
         inputs = processor(text=texts, images=rows["images"], return_tensors="pt", padding=True)
