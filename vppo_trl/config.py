@@ -6,6 +6,7 @@ from trl import GRPOConfig
 
 PERTURBATIONS = ("patch_blackening", "gaussian_noise", "gaussian_blur", "solid")
 DEPENDENCY_ESTIMATORS = ("k3", "kl")
+TOKEN_FILTER_CRITERIA = ("dependency", "random", "entropy")
 ON_EXHAUSTED = ("continue", "raise")
 
 
@@ -41,6 +42,11 @@ class VPPOConfig(GRPOConfig):
         token_filter_ratio (`float`, *optional*, defaults to `0.4`):
             Share of each completion's tokens, the most image-dependent ones, that receive policy gradient. `1.0`
             turns TGF off.
+        token_filter_criterion (`str`, *optional*, defaults to `"dependency"`):
+            Which tokens TGF keeps: `"dependency"` (the most image-dependent ones, VPPO), or one of the paper's
+            ablations (Table 4), keeping as many tokens: `"random"` (a uniform draw per completion, seeded from `seed`)
+            or `"entropy"` (the tokens where the policy's entropy on the original image is highest). The perturbed pass
+            still runs for TAS and the dependency metrics.
         advantage_shaping (`bool`, *optional*, defaults to `True`):
             Whether to scale each completion's advantage by its mean visual dependency (TAS).
         advantage_scale_min (`float`, *optional*, defaults to `0.9`):
@@ -114,6 +120,13 @@ class VPPOConfig(GRPOConfig):
         default=0.4,
         metadata={"help": "Share of each completion's tokens (most image-dependent first) that get policy gradient."},
     )
+    token_filter_criterion: str = field(
+        default="dependency",
+        metadata={
+            "help": "Which tokens TGF keeps: 'dependency' (VPPO), or the paper's ablations 'random' and 'entropy'.",
+            "choices": list(TOKEN_FILTER_CRITERIA),
+        },
+    )
     advantage_shaping: bool = field(
         default=True, metadata={"help": "Scale each completion's advantage by its mean visual dependency (TAS)."}
     )
@@ -182,6 +195,11 @@ class VPPOConfig(GRPOConfig):
             )
         if not 0.0 < self.token_filter_ratio <= 1.0:
             raise ValueError(f"token_filter_ratio={self.token_filter_ratio} must be in (0, 1].")
+        if self.token_filter_criterion not in TOKEN_FILTER_CRITERIA:
+            raise ValueError(
+                f"token_filter_criterion={self.token_filter_criterion!r} is not supported; "
+                f"choose one of {TOKEN_FILTER_CRITERIA}."
+            )
         if self.perturbation_patch_size < 1:
             raise ValueError(f"perturbation_patch_size={self.perturbation_patch_size} must be a positive integer.")
         if not 0.0 <= self.perturbation_prob <= 1.0:

@@ -36,6 +36,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,19 @@ def prompt_texts(processor: Any, prompts: list) -> list[str]:
     return [processor.apply_chat_template(prompt, add_generation_prompt=True) for prompt in prompts]
 
 
-def warm_start(model: torch.nn.Module, processor: Any, steps: int, seed: int) -> float:
-    """Teach the answer format "<colour><|im_end|>" on random colours; returns the last loss."""
+def random_colour(rng: random.Random, colour: str) -> str:
+    """The demo's warm-start answer: a colour drawn independently of the image's `colour`."""
+    return rng.choice(COLOURS)
+
+
+def warm_start(
+    model: torch.nn.Module,
+    processor: Any,
+    steps: int,
+    seed: int,
+    make_answer: Callable[[random.Random, str], str] = random_colour,
+) -> float:
+    """Teach the answer format (`make_answer(rng, colour)`, then <|im_end|>); returns the last loss."""
     dataset = make_colour_dataset(steps * WARM_START_BATCH, seed=seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=WARM_START_LR)
@@ -149,11 +161,13 @@ def warm_start(model: torch.nn.Module, processor: Any, steps: int, seed: int) ->
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         rows = dataset[step * WARM_START_BATCH : (step + 1) * WARM_START_BATCH]
-        # The target ignores the image: the model learns what an answer looks like, not which one is right.
-        texts = [text + rng.choice(COLOURS) + end_of_turn for text in prompt_texts(processor, rows["prompt"])]
+        # The default target ignores the image: the model learns what an answer looks like, not which one is right.
+        answers = [make_answer(rng, colour) + end_of_turn for colour in rows["answer"]]
+        texts = [text + answer for text, answer in zip(prompt_texts(processor, rows["prompt"]), answers, strict=True)]
         inputs = processor(text=texts, images=rows["images"], return_tensors="pt", padding=True)
         labels = inputs["input_ids"].clone()
-        labels[:, :-2] = -100  # left padding: the last two tokens of every row are the colour and <|im_end|>
+        for row, answer in enumerate(answers):  # left padding: each row ends with its answer's tokens
+            labels[row, : -len(processor.tokenizer(answer, add_special_tokens=False).input_ids)] = -100
         loss = model(**inputs, labels=labels).loss
         loss.backward()
         optimizer.step()

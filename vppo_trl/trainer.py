@@ -21,8 +21,10 @@ from .core import (
     advantage_scales,
     entropy_penalty,
     kl_token_dependency,
+    random_token_mask,
     token_dependency,
     top_dependency_mask,
+    top_entropy_mask,
     trajectory_dependency,
 )
 from .data import check_prompt_lengths
@@ -190,9 +192,16 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             batch.update({f"{DEFERRED_KEY}_{name}": value for name, value in roles.items()})
             return
         dependency = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        entropies = None
         if run_pass:
             dependency = self._visual_dependency(batch, rows, mask)
-        self._shape_advantages(batch, dependency, **roles)
+        if self.args.token_filter_criterion == "entropy" and self.args.token_filter_ratio < 1.0:
+            # No forward of this route gives the original-image entropies (old log-probs are reused without them, and
+            # `kl` keeps its logits chunk-local): one more forward, on the measured rows only.
+            entropies = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            if run_pass:
+                entropies = self._visual_dependency(batch, rows, mask, self._original_token_entropies)
+        self._shape_advantages(batch, dependency, **roles, entropies=entropies)
 
     def _defers_original_logps(self, batch: dict[str, Any]) -> bool:
         """
@@ -216,13 +225,18 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
         measured: torch.Tensor,
         shapeable: torch.Tensor,
         with_image: torch.Tensor,
+        entropies: torch.Tensor | None = None,
     ) -> None:
-        """Fold TGF (per-token mask) and TAS (per-completion scale) into `batch["advantages"]`, and log metrics."""
+        """
+        Fold TGF (per-token mask) and TAS (per-completion scale) into `batch["advantages"]`, and log metrics.
+
+        `entropies` (original-image policy entropies) are needed only by the `entropy` token filter criterion.
+        """
         args = self.args
         mask = loss_mask(batch)
         advantages = batch["advantages"]
         if args.token_filter_ratio < 1.0:
-            filtered = top_dependency_mask(dependency, mask, args.token_filter_ratio)
+            filtered = self._filter_tokens(dependency, entropies, mask)
             keep = torch.where(measured.unsqueeze(-1), filtered, mask.bool())
         else:
             keep = mask.bool()
@@ -246,6 +260,21 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             scales = all_scales[first : first + len(advantages)]
             self.spotlight_batch = capture_spotlight(self, batch, dependency, mask, keep, measured, scales, advantages)
         self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
+
+    def _filter_tokens(
+        self, dependency: torch.Tensor, entropies: torch.Tensor | None, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """TGF's kept tokens under `token_filter_criterion`: by dependency (VPPO), at random or by entropy."""
+        ratio, criterion = self.args.token_filter_ratio, self.args.token_filter_criterion
+        if criterion == "random":
+            # Own stream, seeded like the perturbation draws; drawn for the whole batch: skipping changes nothing.
+            seed = hash((self.args.seed, self._perturbation_round, self.accelerator.process_index, 1)) % (2**63)
+            return random_token_mask(mask, ratio, torch.Generator(device=mask.device).manual_seed(seed))
+        if criterion == "entropy":
+            if entropies is None:
+                raise RuntimeError("token_filter_criterion='entropy' needs the original-image entropies.")
+            return top_entropy_mask(entropies, mask, ratio)
+        return top_dependency_mask(dependency, mask, ratio)
 
     def _visual_dependency(
         self, batch: dict[str, Any], rows: list[int], mask: torch.Tensor, measure: Callable | None = None
@@ -319,6 +348,20 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             **{key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")},
         )
         return logps
+
+    def _original_token_entropies(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
+        """The policy's per-token entropies on the original images (the `entropy` token filter criterion)."""
+        inputs = self._select_rows(batch, rows)
+        _, entropies, _ = self._get_per_token_logps_and_entropies(
+            self.model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            logits_to_keep,
+            batch_size=self.args.per_device_train_batch_size,
+            compute_entropy=True,
+            **{key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")},
+        )
+        return entropies
 
     def _perturbed_token_logps(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
         return self._sampled_token_logps(self._select_rows(perturbed, rows), logits_to_keep)
@@ -447,15 +490,21 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             # The loss's own forward: GRPO reads the advantages only after it, so deferred TGF and TAS land in time.
             self._policy_logps = logps
             if DEFERRED_KEY in inputs:
-                self._finish_deferred_shaping(inputs, logps.detach())
+                self._finish_deferred_shaping(inputs, logps.detach(), entropies)
         return logps, entropies, aux_loss
 
-    def _finish_deferred_shaping(self, inputs: dict[str, Any], logps: torch.Tensor) -> None:
-        """TGF and TAS from the loss forward's log-probs (original images) and the stored perturbed log-probs."""
+    def _finish_deferred_shaping(
+        self, inputs: dict[str, Any], logps: torch.Tensor, entropies: torch.Tensor | None
+    ) -> None:
+        """
+        TGF and TAS from the loss forward's log-probs (original images) and the stored perturbed log-probs.
+
+        GRPO's loss forward also computes the entropies, so the `entropy` criterion costs no extra pass here.
+        """
         roles = {name: inputs.pop(f"{DEFERRED_KEY}_{name}") for name in ("measured", "shapeable", "with_image")}
         measured_mask = loss_mask(inputs) * roles["measured"].unsqueeze(-1)
         dependency = token_dependency(logps, inputs.pop(DEFERRED_KEY), measured_mask)
-        self._shape_advantages(inputs, dependency, **roles)
+        self._shape_advantages(inputs, dependency, **roles, entropies=entropies)
 
     def _compute_loss(self, model, inputs):
         self._loss_inputs = inputs
