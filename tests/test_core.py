@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from vppo_trl import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
-from vppo_trl.core import entropy_penalty, kept_token_counts, kl_token_dependency
+from vppo_trl.core import (
+    entropy_penalty,
+    kept_token_counts,
+    kl_token_dependency,
+    random_token_mask,
+    top_entropy_mask,
+)
 
 
 def k3(d: float) -> float:
@@ -114,6 +120,47 @@ class TestTopDependencyMask:
     def test_bad_ratio(self, ratio):
         with pytest.raises(ValueError, match="ratio"):
             top_dependency_mask(torch.rand(1, 3), torch.ones(1, 3), ratio)
+
+
+class TestAblationMasks:
+    """The paper's Table 4 controls keep exactly as many tokens as TGF, chosen at random or by entropy."""
+
+    def test_entropy_keeps_the_most_uncertain_tokens_with_tgf_counts_and_ties(self):
+        entropy = torch.tensor([[0.1, 2.0, 0.3, 1.5, 0.2], [0.7, 0.7, 0.7, 0.7, 9.0]])
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+        out = top_entropy_mask(entropy, mask, 0.4)  # ceil(2.0) = 2 and ceil(1.6) = 2
+        assert out.tolist() == [[False, True, False, True, False], [True, True, False, False, False]]
+
+    def test_random_keeps_exactly_ceil_ratio_n_valid_tokens(self):
+        mask = torch.tensor([[1] * 15 + [0] * 5, [1] * 20, [1, 1, 1] + [0] * 17, [0] * 20])
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            out = random_token_mask(mask, 0.4, generator)
+            assert out.sum(-1).tolist() == [6, 8, 2, 0]  # exact ceil: 0.4 x 15 keeps 6, not 7
+            assert not (out & ~mask.bool()).any()
+
+    def test_random_is_reproducible_from_the_generator_seed(self):
+        mask = torch.ones(4, 30)
+        first = random_token_mask(mask, 0.4, torch.Generator().manual_seed(3))
+        again = random_token_mask(mask, 0.4, torch.Generator().manual_seed(3))
+        other = random_token_mask(mask, 0.4, torch.Generator().manual_seed(4))
+        assert torch.equal(first, again)
+        assert not torch.equal(first, other)
+
+    def test_random_is_uniform_over_the_valid_positions(self):
+        # 4,000 draws of 2 out of 5 valid positions: each is kept 40% of the time (binomial sd 0.8%), padding never.
+        mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]]).expand(4000, 7)
+        out = random_token_mask(mask, 0.4, torch.Generator().manual_seed(0))
+        frequency = out.float().mean(0)
+        assert torch.allclose(frequency[:5], torch.full((5,), 0.4), atol=0.04)
+        assert frequency[5:].eq(0).all()
+
+    def test_ratio_one_keeps_everything_and_bad_ratio_is_refused(self):
+        mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+        assert torch.equal(random_token_mask(mask, 1.0), mask.bool())
+        assert torch.equal(top_entropy_mask(torch.rand(2, 3), mask, 1.0), mask.bool())
+        with pytest.raises(ValueError, match="ratio"):
+            random_token_mask(mask, 0.0)
 
 
 class TestTrajectoryDependency:

@@ -15,7 +15,7 @@ from transformers import set_seed
 from trl import GRPOTrainer
 
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.dynamic_sampling import PromptStream, concatenate_rows
+from vppo_trl.dynamic_sampling import PromptStream
 from vppo_trl.testing import COLOUR_QUESTION, COLOURS, build_tiny_vlm, make_colour_dataset
 from vppo_trl.trainer import IMAGES_KEY
 
@@ -349,37 +349,6 @@ def test_prompt_stream_draws_whole_blocks():
     with pytest.raises(StopIteration):
         next(stream)
     assert stream.consumed == 12
-
-
-def test_concatenate_rows_repads_prompts_left_and_completions_right():
-    pieces = [
-        {
-            "prompt_ids": torch.tensor([[5, 6]]),
-            "prompt_mask": torch.tensor([[1, 1]]),
-            "completion_ids": torch.tensor([[7]]),
-            "completion_mask": torch.tensor([[1]]),
-            "mm_token_type_ids": torch.tensor([[1, 0, 0]]),
-            "advantages": torch.tensor([1.0]),
-            "num_images": [1],
-        },
-        {
-            "prompt_ids": torch.tensor([[8]]),
-            "prompt_mask": torch.tensor([[1]]),
-            "completion_ids": torch.tensor([[9, 10]]),
-            "completion_mask": torch.tensor([[1, 1]]),
-            "mm_token_type_ids": torch.tensor([[1, 0, 0]]),
-            "advantages": torch.tensor([-1.0]),
-            "num_images": [0],
-        },
-    ]
-    merged = concatenate_rows(pieces, pad_token_id=0)
-    assert merged["prompt_ids"].tolist() == [[5, 6], [0, 8]]
-    assert merged["prompt_mask"].tolist() == [[1, 1], [0, 1]]
-    assert merged["completion_ids"].tolist() == [[7, 0], [9, 10]]
-    assert merged["completion_mask"].tolist() == [[1, 0], [1, 1]]
-    assert merged["mm_token_type_ids"].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
-    assert merged["advantages"].tolist() == [1.0, -1.0]
-    assert merged["num_images"] == [1, 0]
 
 
 def free_port() -> int:

@@ -122,3 +122,24 @@ class TestAppend:
         card = readme.read_text()
         assert card.startswith("# My model\n\nTrained by hand.\n\n" + SECTION_BEGIN)
         assert card.endswith(SECTION_END + "\n") and card.count(SECTION_BEGIN) == 1
+
+
+class TestLocalBaseModel:
+    def test_names_the_local_folder_instead_of_none(self, tmp_path):
+        card = generate_model_card(
+            base_model=None, model_name="tiny-VPPO", hub_model_id="tiny-VPPO", dataset_name=None, tags=["vppo"],
+            wandb_url=None, trackio_url=None, comet_url=None, trainer_name="VPPO",
+        )  # fmt: skip
+        path = tmp_path / "README.md"
+        card.save(str(path))
+        assert "[None]" in path.read_text()  # what TRL writes for a model loaded from a folder
+        append_vppo_section(str(path), make_config(tmp_path), base_model="./tiny-qwen2.5-vl")
+        text = path.read_text()
+        assert "None" not in text.split("## VPPO")[0]
+        assert "This model is a fine-tuned version of the local model `./tiny-qwen2.5-vl`." in text
+
+    def test_hub_base_model_is_left_as_trl_wrote_it(self, tmp_path):
+        path = write_trl_card(tmp_path)
+        append_vppo_section(path, make_config(tmp_path), base_model="Qwen/Qwen2.5-VL-7B-Instruct")
+        text = open(path).read()
+        assert "[Qwen/Qwen2.5-VL-7B-Instruct](https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct)" in text

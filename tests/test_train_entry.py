@@ -4,6 +4,7 @@ import random
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vppo_trl import cli
 from vppo_trl import data as data_module
+from vppo_trl import train as train_module
 from vppo_trl.model_card import SECTION_BEGIN
 from vppo_trl.testing import make_shape_image
 from vppo_trl.train import _load, main, make_parser
@@ -63,7 +65,10 @@ def assert_card_has_vppo_section(folder: Path) -> str:
 
 def test_cpu_demo_recipe_trains_saves_and_reloads(workspace, tmp_path):
     output_dir = tmp_path / "cpu-demo"
-    trainer = main(["--config", str(CPU_DEMO), *QUICK, "--output_dir", str(output_dir)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = main(["--config", str(CPU_DEMO), *QUICK, "--output_dir", str(output_dir)])
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]  # no deprecation notices
 
     # The command line won over the recipe
     assert trainer.args.max_steps == 2 and trainer.state.global_step == 2 and trainer.args.num_generations == 4
@@ -75,7 +80,8 @@ def test_cpu_demo_recipe_trains_saves_and_reloads(workspace, tmp_path):
 
     for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md"):
         assert (output_dir / name).is_file(), name
-    assert_card_has_vppo_section(output_dir)
+    card = assert_card_has_vppo_section(output_dir)
+    assert "This model is a fine-tuned version of the local model `./tiny-qwen2.5-vl`" in card  # not "[None]"
     reloaded = AutoModelForImageTextToText.from_pretrained(output_dir)
     assert type(reloaded) is type(trainer.model)
     for name, tensor in trainer.model.state_dict().items():
@@ -110,6 +116,7 @@ def virl_layout(tmp_path, monkeypatch) -> Path:
         return virl if path == HUB_DATASET else real_load_dataset(path, *args, **kwargs)
 
     monkeypatch.setattr(data_module, "load_dataset", load_dataset)
+    monkeypatch.setattr(train_module, "_hub_problem", lambda name, repo_type: None)  # "on the Hub"
     mmk12 = {"question": ["What colour?", "Which colour?"], "answer": ["red", "blue"]}
     mmk12["image"] = [make_shape_image("red", rng), make_shape_image("blue", rng)]
     Dataset.from_dict(mmk12).to_parquet(str(tmp_path / "mmk12.parquet"))
@@ -203,15 +210,25 @@ def test_train_help_lists_the_recipe_fields(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: vppo-trl train")
+    assert "  --config RECIPE.yaml  YAML recipe whose keys set the fields below" in out  # an option, not only prose
     for flag in ("--config", "--dataset_name", "--reward_funcs", "--token_filter_ratio", "--lora_r", "--use_vllm"):
         assert flag in out
 
 
 def test_demo_is_forwarded(monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "vppo_trl.demo", types.SimpleNamespace(main=calls.append))
+    demo = types.SimpleNamespace(main=lambda argv, prog: calls.append((argv, prog)))
+    monkeypatch.setitem(sys.modules, "vppo_trl.demo", demo)
     cli.main(["demo", "--steps", "3", "--output-dir", "out"])
-    assert calls == [["--steps", "3", "--output-dir", "out"]]
+    assert calls == [(["--steps", "3", "--output-dir", "out"], "vppo-trl demo")]
+
+
+def test_demo_help_names_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: vppo-trl demo") and "--compare {grpo}" in out
 
 
 def test_a_command_is_required(capsys):
@@ -257,7 +274,7 @@ def test_unknown_recipe_key(tmp_path, capsys):
     recipe.write_text(CPU_DEMO.read_text() + "token_filter_ration: 0.5\n")
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", str(recipe)])
-    assert "Unknown arguments from config file: ['--token_filter_ration', '0.5']" in capsys.readouterr().err
+    assert "unknown recipe key 'token_filter_ration' (did you mean 'token_filter_ratio'?)" in capsys.readouterr().err
 
 
 def test_missing_model_folder_says_how_to_build_it(tmp_path, monkeypatch, capsys):
@@ -285,3 +302,15 @@ def test_resume_from_the_command_line(tmp_path):
     resumed = main([*common, "--max_steps", "3", "--seed", "2", "--resume_from_checkpoint", "true"])
     assert resumed.state.global_step == 3
     assert [entry["loss"] for entry in resumed.state.log_history if "loss" in entry][:2] == losses
+
+
+@pytest.mark.parametrize("override", [[], ["--gradient_checkpointing", "true"]])
+def test_recipe_parses_without_a_deprecation_warning(override):
+    from vppo_trl.train import parse_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, training_args, _ = parse_args(["--config", str(CPU_DEMO), *override])
+    expected = bool(override)  # the recipe turns it off, the override back on
+    assert training_args.gradient_checkpointing is expected
+    assert getattr(training_args, "activation_checkpointing", expected) is expected

@@ -347,6 +347,88 @@ def test_deferred_and_eager_shaping_agree(tmp_path, monkeypatch):
     torch.testing.assert_close(losses[0], losses[1])
 
 
+@pytest.mark.parametrize("criterion", ["dependency", "random", "entropy"])
+def test_token_filter_criteria_keep_exactly_ceil_ratio_n_tokens(tmp_path, criterion):
+    dataset = make_colour_dataset(8, seed=2)
+    trainer = make_trainer(
+        tmp_path, dataset=dataset, advantage_shaping=False, skip_zero_advantage=False, token_filter_criterion=criterion
+    )
+    batch = generation_batch(trainer, dataset, prompts=2)
+    advantages = batch["advantages"].clone()
+    apply_vppo(trainer, batch)
+    rows = advantages != 0
+    assert rows.any()
+    kept = batch["advantages"] != 0  # no TAS: a kept token carries the completion's advantage, a dropped one 0
+    valid = trainer_module.loss_mask(batch).bool()
+    assert not (kept & ~valid).any()
+    assert kept[rows].sum(-1).tolist() == [-(-int(n) * 2 // 5) for n in valid[rows].sum(-1)]  # ceil(0.4 n)
+    if criterion == "entropy":
+        # The kept tokens are those where the policy, given the original image, is least certain.
+        inputs = trainer._all_rows(batch)
+        with torch.no_grad():
+            _, entropies, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model,
+                inputs.pop("input_ids"),
+                inputs.pop("attention_mask"),
+                valid.size(1),
+                compute_entropy=True,
+                **inputs,
+            )
+        for row in rows.nonzero().squeeze(-1).tolist():
+            dropped = valid[row] & ~kept[row]
+            if dropped.any():
+                assert entropies[row][kept[row]].min() >= entropies[row][dropped].max() - 1e-5
+
+
+def test_random_criterion_is_seeded_and_ignores_skipping(tmp_path):
+    dataset = make_colour_dataset(16, seed=5)
+    settings = dict(dataset=dataset, reward=half_uniform_reward, token_filter_criterion="random")
+    trainers = [
+        make_trainer(tmp_path / "a", skip_zero_advantage=True, **settings),
+        make_trainer(tmp_path / "b", skip_zero_advantage=False, **settings),
+        make_trainer(tmp_path / "c", skip_zero_advantage=False, **settings, seed=8),
+    ]
+    for trainer in trainers[1:]:
+        trainer.model.load_state_dict(trainers[0].model.state_dict())
+    batch = generation_batch(trainers[0], dataset, prompts=4)
+    outputs = []
+    for trainer in trainers:
+        inputs = copy.deepcopy(batch)
+        apply_vppo(trainer, inputs)
+        outputs.append(inputs["advantages"])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert not torch.equal(outputs[1] != 0, outputs[2] != 0)  # another seed, another draw
+
+
+def test_entropy_criterion_from_the_loss_forward_and_from_an_extra_pass_agree(tmp_path, monkeypatch):
+    dataset = make_colour_dataset(8, seed=2)
+    trainer = make_trainer(tmp_path, dataset=dataset, skip_zero_advantage=False, token_filter_criterion="entropy")
+    batch = generation_batch(trainer, dataset, prompts=2)
+    deferred, eager = copy.deepcopy(batch), copy.deepcopy(batch)
+    trainer._perturbation_round = 0
+    apply_vppo(trainer, deferred)
+    monkeypatch.setattr(VPPOTrainer, "_defers_original_logps", lambda self, batch: False)
+    trainer._perturbation_round = 0
+    trainer._apply_visual_dependency(eager)
+    torch.testing.assert_close(deferred["advantages"], eager["advantages"])
+
+
+@pytest.mark.parametrize(
+    ("criterion", "route"),
+    [("random", {}), ("entropy", {}), ("entropy", {"num_iterations": 2, "per_device_train_batch_size": 4})],
+    ids=["random", "entropy-loss-forward", "entropy-old-logps"],
+)
+def test_ablation_criteria_train(tmp_path, criterion, route):
+    trainer = make_trainer(tmp_path, token_filter_criterion=criterion, skip_zero_advantage=False, **route)
+    before = final_parameters(trainer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    assert 0.4 <= logs[0]["vppo/token_fraction"] <= 2 / 3  # ceil(0.4 n) of n <= 6 tokens
+    after = final_parameters(trainer)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
 def test_kl_estimator_trains_and_is_chunk_invariant(tmp_path, monkeypatch):
     dataset = make_colour_dataset(8, seed=2)
     trainer = make_trainer(
@@ -556,6 +638,7 @@ def test_config_rejects_bad_values():
         "perturbation_prob": (1.5, "perturbation_prob"),
         "perturbation_patch_size": (0, "perturbation_patch_size"),
         "perturbation_space": ("patches", "perturbation_space=.patches. is not supported"),
+        "token_filter_criterion": ("attention", "token_filter_criterion"),
     }
     for field, (value, message) in cases.items():
         with pytest.raises(ValueError, match=message):

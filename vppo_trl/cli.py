@@ -1,5 +1,5 @@
 """The `vppo-trl` command: `vppo-trl train --config <recipe>.yaml [overrides...]`, `vppo-trl demo [...]` and
-`vppo-trl spotlight --model ... --image ... --prompt ...`."""
+`vppo-trl spotlight --model ... --image ... --prompt ...` and `vppo-trl eval --model ... --benchmarks ...`."""
 
 import argparse
 import sys
@@ -8,6 +8,7 @@ COMMANDS = {
     "train": "Train with VPPO from a YAML recipe (`--config recipes/<recipe>.yaml`); flags override the recipe.",
     "demo": "Run the CPU demo: a tiny vision-language model learns a visual task with VPPO.",
     "spotlight": "Show which tokens of a model's answer depend on the image (chart, HTML, JSON).",
+    "eval": "Evaluate like the paper (avg@k on its benchmarks), regrade, or compare runs (`eval compare`).",
 }
 
 
@@ -32,7 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         from .demo import main as demo_main
 
-        demo_main(rest)
+        demo_main(rest, prog="vppo-trl demo")
+    elif args.command == "eval":
+        from .eval import main as eval_main
+
+        eval_main(rest)
     else:
         from .spotlight import main as spotlight_main
 

@@ -7,6 +7,7 @@ from trl import GRPOConfig
 PERTURBATIONS = ("patch_blackening", "gaussian_noise", "gaussian_blur", "solid")
 PERTURBATION_SPACES = ("original_image", "pixel_values")
 DEPENDENCY_ESTIMATORS = ("k3", "kl")
+TOKEN_FILTER_CRITERIA = ("dependency", "random", "entropy")
 ON_EXHAUSTED = ("continue", "raise")
 
 
@@ -49,6 +50,11 @@ class VPPOConfig(GRPOConfig):
         token_filter_ratio (`float`, *optional*, defaults to `0.4`):
             Share of each completion's tokens, the most image-dependent ones, that receive policy gradient. `1.0`
             turns TGF off.
+        token_filter_criterion (`str`, *optional*, defaults to `"dependency"`):
+            Which tokens TGF keeps: `"dependency"` (the most image-dependent ones, VPPO), or one of the paper's
+            ablations (Table 4), keeping as many tokens: `"random"` (a uniform draw per completion, seeded from `seed`)
+            or `"entropy"` (the tokens where the policy's entropy on the original image is highest). The perturbed pass
+            still runs for TAS and the dependency metrics.
         advantage_shaping (`bool`, *optional*, defaults to `True`):
             Whether to scale each completion's advantage by its mean visual dependency (TAS).
         advantage_scale_min (`float`, *optional*, defaults to `0.9`):
@@ -85,6 +91,14 @@ class VPPOConfig(GRPOConfig):
             What to do when `dynamic_sampling_max_rounds` extra rounds did not fill the batch: `"continue"` tops it up
             with uninformative groups (zero advantage) and logs `dynamic_sampling/batch_fill`; `"raise"` stops training
             with a `RuntimeError`. When the data runs out (end of an epoch), training always continues.
+        spotlight_steps (`int`, *optional*, defaults to `0`):
+            Every `spotlight_steps` optimizer steps, write the token-perception page of a few completions of the
+            current batch (their tokens shaded by visual dependency, the TGF-kept ones boxed, their TAS scales) and
+            the batch's dependency distributions to `output_dir/spotlight/step-N/`, and log them to wandb and trackio
+            when they are active. It reuses the dependencies training measured: no extra forward pass. `0` turns it
+            off.
+        spotlight_completions (`int`, *optional*, defaults to `4`):
+            Completions of one prompt group shown on each spotlight page.
     """
 
     perturbation: str = field(
@@ -121,6 +135,13 @@ class VPPOConfig(GRPOConfig):
     token_filter_ratio: float = field(
         default=0.4,
         metadata={"help": "Share of each completion's tokens (most image-dependent first) that get policy gradient."},
+    )
+    token_filter_criterion: str = field(
+        default="dependency",
+        metadata={
+            "help": "Which tokens TGF keeps: 'dependency' (VPPO), or the paper's ablations 'random' and 'entropy'.",
+            "choices": list(TOKEN_FILTER_CRITERIA),
+        },
     )
     advantage_shaping: bool = field(
         default=True, metadata={"help": "Scale each completion's advantage by its mean visual dependency (TAS)."}
@@ -168,6 +189,17 @@ class VPPOConfig(GRPOConfig):
         },
     )
 
+    spotlight_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every N optimizer steps, write the token-perception page of a few completions of the batch to "
+            "output_dir/spotlight/step-N/ (and log it to wandb/trackio); 0 turns it off."
+        },
+    )
+    spotlight_completions: int = field(
+        default=4, metadata={"help": "Completions of one prompt group shown on each spotlight page."}
+    )
+
     def __post_init__(self):
         # VPPO's own fields first, so that their errors are not hidden behind the hardware checks of the parent.
         if self.perturbation not in PERTURBATIONS:
@@ -184,6 +216,11 @@ class VPPOConfig(GRPOConfig):
             )
         if not 0.0 < self.token_filter_ratio <= 1.0:
             raise ValueError(f"token_filter_ratio={self.token_filter_ratio} must be in (0, 1].")
+        if self.token_filter_criterion not in TOKEN_FILTER_CRITERIA:
+            raise ValueError(
+                f"token_filter_criterion={self.token_filter_criterion!r} is not supported; "
+                f"choose one of {TOKEN_FILTER_CRITERIA}."
+            )
         if self.perturbation_patch_size < 1:
             raise ValueError(f"perturbation_patch_size={self.perturbation_patch_size} must be a positive integer.")
         if not 0.0 <= self.perturbation_prob <= 1.0:
@@ -220,6 +257,14 @@ class VPPOConfig(GRPOConfig):
                 f"dynamic_sampling_min={self.dynamic_sampling_min} must be < "
                 f"dynamic_sampling_max={self.dynamic_sampling_max}."
             )
+        if getattr(self, "activation_checkpointing", False) is None:
+            # TRL's default `gradient_checkpointing=True` makes transformers warn, for every config, that this name is
+            # deprecated in favour of `activation_checkpointing`: hand the value over to the new name first.
+            self.activation_checkpointing = self.gradient_checkpointing
+        if self.spotlight_steps < 0:
+            raise ValueError(f"spotlight_steps={self.spotlight_steps} must be >= 0 (0 turns the spotlight off).")
+        if self.spotlight_completions < 1:
+            raise ValueError(f"spotlight_completions={self.spotlight_completions} must be >= 1.")
         if not self.dynamic_sampling_reward:
             raise ValueError("dynamic_sampling_reward must name a reward function, or be 'total'.")
         super().__post_init__()

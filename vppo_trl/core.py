@@ -103,6 +103,44 @@ def top_dependency_mask(dependency: torch.Tensor, mask: torch.Tensor, ratio: flo
     return (rank < keep_counts.unsqueeze(-1)) & valid
 
 
+def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """
+    Entropy-based token filter (paper ablation, Table 4): keep the `ceil(ratio * n_i)` tokens of each completion where
+    the policy's predictive entropy on the original image is highest.
+
+    The same selection as `top_dependency_mask` (exact counts, ties to the earlier token), ranked by entropy instead of
+    visual dependency: it tests whether TGF's gain comes from looking at the image or only from training the uncertain
+    "forking" tokens.
+
+    Args:
+        entropy: `[B, T]` per-token entropies of the policy given the original image.
+        mask: `[B, T]` completion mask.
+        ratio: share of each completion's valid tokens to keep, in (0, 1].
+
+    Returns:
+        `[B, T]` bool mask of the kept tokens.
+    """
+    return top_dependency_mask(entropy, mask, ratio)
+
+
+def random_token_mask(mask: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """
+    Random token filter (paper ablation, Table 4): keep `ceil(ratio * n_i)` tokens of each completion chosen uniformly
+    at random, as many as TGF keeps, so that only the choice of tokens differs.
+
+    Args:
+        mask: `[B, T]` completion mask.
+        ratio: share of each completion's valid tokens to keep, in (0, 1].
+        generator: the random source (on `mask`'s device); the same generator state gives the same mask.
+
+    Returns:
+        `[B, T]` bool mask of the kept tokens.
+    """
+    # The top-k of i.i.d. uniform keys is a uniform draw of k positions among the valid ones.
+    keys = torch.rand(mask.shape, generator=generator, device=mask.device)
+    return top_dependency_mask(keys, mask, ratio)
+
+
 def trajectory_dependency(dependency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     Mean token dependency of each completion over its valid tokens (0 for an empty completion).

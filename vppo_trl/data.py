@@ -12,13 +12,16 @@ Every source is turned into rows that [`~trl.GRPOTrainer`] consumes directly:
 Other columns (e.g. an id) are kept unchanged. Bad rows are found up front, not in the middle of a training run.
 """
 
+import io
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL
 import PIL.Image
 from datasets import Dataset, Features, Image, LargeList, List, Value, load_dataset
@@ -43,6 +46,21 @@ _MAX_VALUE_CHARS = 80
 _PROMPT_FEATURE = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
 _ENCODED_IMAGE_FEATURE = {"bytes": Value("binary"), "path": Value("string")}
 
+
+# Images with more pixels are scaled down when the data is loaded (aspect ratio kept). The largest image a Qwen-VL
+# processor takes unresized is Qwen3-VL's 4096 x 4096 (Qwen2/2.5-VL: 12,845,056 pixels), so a larger one would only
+# cost memory on its way there.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# Largest image decoded at all, in place of Pillow's decompression-bomb limit (178,956,970 pixels), which refuses
+# legitimate scans of e.g. 20000 x 20000 pixels. Larger images are bad rows.
+MAX_SOURCE_IMAGE_PIXELS = 1 << 30
+# Smallest picture: a single row or column of pixels (a 1x1 placeholder, say) shows nothing to look at.
+MIN_IMAGE_SIDE = 2
+# Qwen-VL processors refuse images more elongated than this (`smart_resize`): found up front, not mid-training.
+MAX_IMAGE_ASPECT_RATIO = 200
+# Modes whose `convert("RGB")` (what `datasets.Image(mode="RGB")` does when a row is read) is exact. Other images
+# (16-bit, transparent...) are converted here and stored re-encoded.
+_PLAIN_RGB_MODES = ("RGB", "L", "1", "CMYK", "YCbCr")
 
 # The official VPPO run's image size limits (its config's min_pixels / max_pixels), in pixels per image.
 PAPER_MIN_PIXELS = 200_704
@@ -73,6 +91,40 @@ def _fit_row_images(batch: dict[str, list], min_pixels: int | None, max_pixels: 
     """Dataset transform: every decoded image of a batch of rows brought within the pixel limits."""
     batch["images"] = [[fit_image_pixels(image, min_pixels, max_pixels) for image in row] for row in batch["images"]]
     return batch
+
+
+class BadInputError(ValueError):
+    """
+    Input the run cannot use (an invalid row, a prompt too long for the model), named by row or content. The training
+    script prints it as a one-line error, without a traceback.
+    """
+
+
+def check_prompt_lengths(
+    prompts: list, prompt_ids: list[list[int]], max_completion_length: int, model_config: Any
+) -> None:
+    """Raise [`BadInputError`] for a prompt that, followed by a full completion, exceeds the model's context."""
+    limit = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    for prompt, ids in zip(prompts, prompt_ids, strict=True):
+        if limit is not None and len(ids) + max_completion_length > limit:
+            raise BadInputError(
+                f"prompt {_preview(_prompt_text(prompt))} has {len(ids)} tokens: with max_completion_length="
+                f"{max_completion_length}, {len(ids) + max_completion_length} positions, more than the model's "
+                f"limit of {limit} (max_position_embeddings). Shorten or drop that row, or lower "
+                "max_completion_length."
+            )
+
+
+def _prompt_text(prompt: Any) -> str:
+    """The text of a prompt, plain or conversational (image blocks left out), to show it in a message."""
+    if isinstance(prompt, str):
+        return prompt
+    texts = []
+    for message in prompt:
+        content = message.get("content") if isinstance(message, dict) else None
+        blocks = [{"text": content}] if isinstance(content, str) else content or []
+        texts.extend(block["text"] for block in blocks if isinstance(block, dict) and block.get("text"))
+    return " ".join(texts)
 
 
 @dataclass
@@ -143,6 +195,8 @@ def _encode_image(value: Any, image_folder: Path | None) -> dict[str, Any]:
     Turn an image given as a `{"bytes", "path"}` dict (an undecoded `datasets.Image`) or a path into the form that
     `datasets.Image` stores, and check that it decodes. Raises `ValueError` with a readable reason otherwise.
     """
+    if value is None:
+        raise ValueError("missing image (None)")
     if isinstance(value, dict) and value.get("bytes") is not None:
         encoded = {"bytes": value["bytes"], "path": value.get("path")}
     elif isinstance(value, (str, dict)):
@@ -157,13 +211,85 @@ def _encode_image(value: Any, image_folder: Path | None) -> dict[str, Any]:
             f"expected a path or a {{'bytes', 'path'}} dict, got {type(value).__name__}: {_preview(value)}"
         )
     try:
-        Image(mode="RGB").decode_example(encoded)
+        image = _decode_image(encoded)
     except PIL.UnidentifiedImageError:
         raise ValueError(f"cannot read image {_preview(value)}: not an image or an unknown format") from None
+    except PIL.Image.DecompressionBombError as error:  # more than MAX_SOURCE_IMAGE_PIXELS
+        raise ValueError(f"cannot read image {_preview(value)}: {error}") from None
     except Exception as error:  # PIL signals damaged data with many exception types (OSError, SyntaxError, ...)
         reason = _shorten(f"{type(error).__name__}: {error}")
         raise ValueError(f"cannot read image {_preview(value)}: {reason}") from None
-    return encoded
+    width, height = image.size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ValueError(f"image {_preview(value)} is {width}x{height} pixels: too small to show anything")
+    if max(width, height) / min(width, height) > MAX_IMAGE_ASPECT_RATIO:
+        raise ValueError(
+            f"image {_preview(value)} is {width}x{height} pixels: more elongated than the "
+            f"{MAX_IMAGE_ASPECT_RATIO}:1 that Qwen-VL processors accept"
+        )
+    if _reads_exactly(image):
+        return encoded
+    buffer = io.BytesIO()
+    try:
+        to_rgb(image).save(buffer, format="PNG", compress_level=1)
+    except Exception as error:  # e.g. a mode Pillow cannot convert
+        reason = _shorten(f"{type(error).__name__}: {error}")
+        raise ValueError(f"cannot convert image {_preview(value)} ({image.mode}) to RGB: {reason}") from None
+    return {"bytes": buffer.getvalue(), "path": encoded["path"]}
+
+
+def _decode_image(encoded: dict[str, Any]) -> PIL.Image.Image:
+    """Decode an image as `datasets` does (EXIF rotation applied), up to `MAX_SOURCE_IMAGE_PIXELS` pixels."""
+    default_limit = PIL.Image.MAX_IMAGE_PIXELS
+    PIL.Image.MAX_IMAGE_PIXELS = MAX_SOURCE_IMAGE_PIXELS // 2  # Pillow warns above the limit and fails above twice it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            return Image().decode_example(encoded)
+    finally:
+        PIL.Image.MAX_IMAGE_PIXELS = default_limit
+
+
+def _reads_exactly(image: PIL.Image.Image) -> bool:
+    """Whether reading the file later with `convert("RGB")` gives `to_rgb(image)`, so that it need not be copied."""
+    plain = image.mode in _PLAIN_RGB_MODES or image.mode == "P"
+    return plain and "transparency" not in image.info and image.width * image.height <= MAX_IMAGE_PIXELS
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """
+    Convert an image of any mode to 8-bit RGB with at most `MAX_IMAGE_PIXELS` pixels (aspect ratio kept).
+
+    Unlike `convert("RGB")`, 16- and 32-bit grayscale is scaled to 8 bits (not clipped to white) and transparent
+    pixels are laid on white (as Qwen's own `qwen-vl-utils` does), not shown in whatever colour they happen to store.
+    """
+    if image.mode in ("P", "PA", "1"):
+        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _grayscale_to_8_bits(image)
+    factor = math.isqrt(image.width * image.height // MAX_IMAGE_PIXELS)
+    if factor >= 2:  # a cheap box reduction of huge images first; `fit_image_pixels` does the exact resize
+        image = image.reduce(factor)
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")
+        image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return fit_image_pixels(image, max_pixels=MAX_IMAGE_PIXELS)
+
+
+def _has_alpha(image: PIL.Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
+def _grayscale_to_8_bits(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit grayscale from 16-bit (`I;16*`), 32-bit integer (`I`) or float (`F`) grayscale, scaled over its range."""
+    values = np.asarray(image).astype(np.float32)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:  # no declared range: 1 (floats only), 255 or 65535, whichever holds the values, else their maximum
+        largest = float(values.max(initial=0.0))
+        ranges = (1.0, 255.0, 65535.0) if image.mode == "F" else (255.0, 65535.0)
+        top = next((limit for limit in ranges if largest <= limit), largest)
+    return PIL.Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8))
 
 
 def _convert_row(
@@ -196,14 +322,16 @@ def _convert_row(
         report(answer_column, "missing answer (None)")
     elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         report(answer_column, f"expected a string or number, got {type(answer).__name__}: {_preview(answer)}")
+    elif isinstance(answer, float) and not math.isfinite(answer):  # e.g. a missing value in a pandas float column
+        report(answer_column, f"expected a string or number, got {answer!r}")
     elif not str(answer).strip():
         report(answer_column, f"empty answer {_preview(answer)}")
 
     raw_images = row[images_column] if images_column is not None else None
-    if raw_images is None:
-        raw_images = []
-    elif single_image:
+    if single_image:  # one image per row (imagefolder, MMK12): None is a missing image, not a text-only row
         raw_images = [raw_images]
+    elif raw_images is None:
+        raw_images = []
     encoded_images = []
     if isinstance(raw_images, list):
         for position, image in enumerate(raw_images):
@@ -231,7 +359,7 @@ def _load_source(source: str, split: str) -> tuple[Dataset, Path | None]:
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"Unsupported data file {source!r}: expected one of {sorted(_FILE_BUILDERS)}.")
+            raise BadInputError(f"Unsupported data file {source!r}: expected one of {sorted(_FILE_BUILDERS)}.")
         return load_dataset(builder, data_files={split: str(path)}, split=split), path.parent
     if path.is_dir():
         if any(any(path.rglob(name)) for name in _IMAGEFOLDER_METADATA):
@@ -245,7 +373,7 @@ def _load_source(source: str, split: str) -> tuple[Dataset, Path | None]:
                     get_data_patterns(str(path)), base_path=str(path), allowed_extensions=extensions
                 )
                 return load_dataset(builder, data_files=data_files, split=split), path
-        raise ValueError(
+        raise BadInputError(
             f"No data in directory {source!r}: expected parquet or JSON Lines files, or images with one of "
             f"{list(_IMAGEFOLDER_METADATA)}."
         )
@@ -300,7 +428,9 @@ def load_vppo_dataset(
         on_bad_row (`str`, *optional*, defaults to `"raise"`):
             `"raise"` fails with a `ValueError` listing the first problems and their count; `"skip"` drops the bad
             rows and logs a warning. Problems: missing, empty or wrongly typed problem or answer, an image that is
-            missing or unreadable, or a number of `<image>` placeholders different from the number of images.
+            missing or unreadable, under 2 pixels a side or more elongated than 200:1, or a number of `<image>`
+            placeholders different from the number of images. Images are read as the RGB picture they show (16-bit
+            and transparent ones included), larger ones scaled down to `MAX_IMAGE_PIXELS`.
         image_root (`str`, *optional*):
             Folder that relative image paths start from. Defaults to the folder of the data file (or the directory
             given); for Hub datasets, to the current directory.
@@ -336,7 +466,7 @@ def load_vppo_dataset(
     dataset, data_folder = _load_source(source, split)
     for column in (problem_column, answer_column):
         if column not in dataset.column_names:
-            raise ValueError(f"{source!r} has no column {column!r}; its columns are {dataset.column_names}.")
+            raise BadInputError(f"{source!r} has no column {column!r}; its columns are {dataset.column_names}.")
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
     source_images_column, single_image = _find_images_column(dataset, images_column)
@@ -379,11 +509,11 @@ def load_vppo_dataset(
     total_rows = len(dataset)
     skipped_rows = sum(1 for problems_of_row in row_problems if problems_of_row)
     if skipped_rows and on_bad_row == "raise":
-        raise ValueError(
-            f"{source!r} (split {split!r}): {skipped_rows} of {total_rows} rows are invalid ({len(problems)} "
-            f"problems). First problems:\n  "
-            + "\n  ".join(problems[:_MAX_REPORTED_PROBLEMS])
-            + "\nFix the data, or pass on_bad_row='skip' to drop these rows."
+        # The first line is the whole error (what the command line prints first); more problems follow it.
+        raise BadInputError(
+            f"{source!r} (split {split!r}): {problems[0]}; {skipped_rows} of {total_rows} rows are invalid "
+            f"({len(problems)} problems). Fix the data, or pass on_bad_row='skip' to drop these rows."
+            + "".join(f"\n  {problem}" for problem in problems[1:_MAX_REPORTED_PROBLEMS])
         )
     if skipped_rows:
         dataset = dataset.filter(

@@ -21,8 +21,10 @@ Run it with `python -m vppo_trl.demo` (`--help` for the flags). Everything is bu
 
 It prints a table of steps, rewards and VPPO metrics while training, then the greedy accuracy on fresh held-out
 images before and after VPPO, and a verdict comparing the mean reward of the first and last steps. It writes to
-`--output-dir` the per-step log (`log.csv`, from `trainer.state.log_history`), a summary (`summary.json`) and a plot
-of reward and visual-dependency metrics against the step (`vppo_demo.png`).
+`--output-dir` the per-step log (`log.csv`, from `trainer.state.log_history`), a summary (`summary.json`), a plot
+of reward and visual-dependency metrics against the step (`vppo_demo.png`), the trained model (`trainer/`) and the
+token perception of that model on a held-out image (`spotlight/perception.html` and `.png`). `--compare grpo` also
+trains GRPO from the same warm start with the same seed and draws both reward curves (`vppo_vs_grpo.png`).
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .testing import (
+    COLOUR_QUESTION,
     COLOURS,
     build_model,
     build_processor,
@@ -48,6 +52,10 @@ from .testing import (
     make_colour_dataset,
     suppressed_token_ids,
 )
+
+# Completions sampled for the spotlight of the trained model, as many as a training group.
+SPOTLIGHT_COMPLETIONS = 8
+SPOTLIGHT_DRAWS = 4
 
 CHANCE_REWARD = 1 / len(COLOURS)
 # Mean reward over the last steps above which the demo reports that the policy learned to read the colour.
@@ -73,11 +81,15 @@ TABLE_METRICS = (
     ("vppo/advantage_scale_max", "scale max"),
     ("vppo/skipped_fraction", "skipped"),
 )
+KEPT_NOTE = (
+    "kept: share of completion tokens TGF trains. TGF keeps ceil({ratio} x n) tokens of an n-token completion, and "
+    "most answers here are 2 tokens (colour, <|im_end|>): ceil({ratio} x 2) = {kept}, so about 0.5, not {ratio}."
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m vppo_trl.demo") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m vppo_trl.demo",
+        prog=prog,
         description="Train a tiny vision-language model with VPPO on CPU to name the colour of a shape.",
     )
     parser.add_argument("--steps", type=int, default=500, help="VPPO optimizer steps (8 prompts x 8 completions).")
@@ -96,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("patch_blackening", "gaussian_noise", "gaussian_blur", "solid"),
         default="patch_blackening",
         help="How the image is made uninformative to measure visual dependency.",
+    )
+    parser.add_argument(
+        "--compare",
+        choices=("grpo",),
+        help="Also train GRPO from the same warm start with the same seed, and plot both reward curves.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="A few steps of each phase, to check that everything runs (CI)."
@@ -123,8 +140,19 @@ def prompt_texts(processor: Any, prompts: list) -> list[str]:
     return [processor.apply_chat_template(prompt, add_generation_prompt=True) for prompt in prompts]
 
 
-def warm_start(model: torch.nn.Module, processor: Any, steps: int, seed: int) -> float:
-    """Teach the answer format "<colour><|im_end|>" on random colours; returns the last loss."""
+def random_colour(rng: random.Random, colour: str) -> str:
+    """The demo's warm-start answer: a colour drawn independently of the image's `colour`."""
+    return rng.choice(COLOURS)
+
+
+def warm_start(
+    model: torch.nn.Module,
+    processor: Any,
+    steps: int,
+    seed: int,
+    make_answer: Callable[[random.Random, str], str] = random_colour,
+) -> float:
+    """Teach the answer format (`make_answer(rng, colour)`, then <|im_end|>); returns the last loss."""
     dataset = make_colour_dataset(steps * WARM_START_BATCH, seed=seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=WARM_START_LR)
@@ -133,11 +161,13 @@ def warm_start(model: torch.nn.Module, processor: Any, steps: int, seed: int) ->
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         rows = dataset[step * WARM_START_BATCH : (step + 1) * WARM_START_BATCH]
-        # The target ignores the image: the model learns what an answer looks like, not which one is right.
-        texts = [text + rng.choice(COLOURS) + end_of_turn for text in prompt_texts(processor, rows["prompt"])]
+        # The default target ignores the image: the model learns what an answer looks like, not which one is right.
+        answers = [make_answer(rng, colour) + end_of_turn for colour in rows["answer"]]
+        texts = [text + answer for text, answer in zip(prompt_texts(processor, rows["prompt"]), answers, strict=True)]
         inputs = processor(text=texts, images=rows["images"], return_tensors="pt", padding=True)
         labels = inputs["input_ids"].clone()
-        labels[:, :-2] = -100  # left padding: the last two tokens of every row are the colour and <|im_end|>
+        for row, answer in enumerate(answers):  # left padding: each row ends with its answer's tokens
+            labels[row, : -len(processor.tokenizer(answer, add_special_tokens=False).input_ids)] = -100
         loss = model(**inputs, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -180,9 +210,10 @@ def make_table_callback(print_every: int, window: int):
             self.rewards: list[float] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
-            header = f"{'step':>5} {'reward':>7} {f'avg{window}':>7}" + "".join(
-                f" {name:>11}" for _, name in TABLE_METRICS
-            )
+            metrics = TABLE_METRICS if hasattr(args, "token_filter_ratio") else ()  # GRPO logs no VPPO metrics
+            header = f"{'step':>5} {'reward':>7} {f'avg{window}':>7}" + "".join(f" {name:>11}" for _, name in metrics)
+            if metrics:
+                print(KEPT_NOTE.format(ratio=args.token_filter_ratio, kept=math.ceil(args.token_filter_ratio * 2)))
             print(header + "\n" + "-" * len(header), flush=True)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -192,7 +223,8 @@ def make_table_callback(print_every: int, window: int):
             if state.global_step % print_every and state.global_step != state.max_steps:
                 return
             row = f"{state.global_step:>5} {logs['reward']:>7.3f} {window_mean(self.rewards, window):>7.3f}"
-            row += "".join(f" {logs[key]:>11.3g}" if key in logs else f" {'-':>11}" for key, _ in TABLE_METRICS)
+            metrics = TABLE_METRICS if hasattr(args, "token_filter_ratio") else ()
+            row += "".join(f" {logs[key]:>11.3g}" if key in logs else f" {'-':>11}" for key, _ in metrics)
             print(row, flush=True)
 
     return TableCallback()
@@ -242,9 +274,9 @@ def plot(rows: list[dict[str, Any]], window: int, path: Path, title: str) -> Non
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, prog: str = "python -m vppo_trl.demo") -> dict[str, Any]:
     """Run the demo; returns the summary that is also written to `summary.json`."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     from transformers.utils import logging as hf_logging
 
     threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
@@ -265,11 +297,156 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hf_logging.enable_progress_bar()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import set_seed
+def train_policy(method: str, args: argparse.Namespace, warm_start_dir: Path, processor: Any, masked: list[int]):
+    """Train the warm-start policy with `method` ("vppo" or "grpo"); both get the same data, seed and optimizer."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import GRPOConfig, GRPOTrainer
 
     from . import VPPOConfig, VPPOTrainer
+
+    policy = build_model_from(warm_start_dir)
+    mask_tokens(policy, masked)
+    settings = dict(
+        output_dir=str(Path(args.output_dir) / ("trainer" if method == "vppo" else "grpo_trainer")),
+        max_steps=args.steps,
+        per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS,
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=4,
+        temperature=1.0,
+        beta=args.beta,
+        gradient_checkpointing=False,  # TRL turns it on by default; a model this small does not need to save memory
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=args.seed,
+    )
+    if method == "vppo":
+        config = VPPOConfig(**settings, dependency_estimator=args.estimator, perturbation=args.perturbation)
+        trainer_class = VPPOTrainer
+    else:
+        config, trainer_class = GRPOConfig(**settings), GRPOTrainer
+    # One fresh image per prompt of the run: no image is seen twice.
+    train_dataset = make_colour_dataset(args.steps * PROMPTS_PER_STEP, seed=args.seed + 3)
+    vision = list(policy.model.visual.parameters())
+    vision_ids = {id(p) for p in vision}
+    optimizer = torch.optim.AdamW(
+        [
+            # The language model's group first: the Trainer logs the first group's learning rate.
+            {"params": [p for p in policy.parameters() if p.requires_grad and id(p) not in vision_ids]},
+            {"params": vision, "lr": args.learning_rate * VISION_LR_MULTIPLIER},
+        ],
+        lr=args.learning_rate,
+        weight_decay=0.0,
+    )
+    trainer = trainer_class(
+        model=policy,
+        reward_funcs=colour_reward,
+        args=config,
+        train_dataset=train_dataset,
+        processing_class=processor,
+        optimizers=(optimizer, None),  # the scheduler (constant) is built by the Trainer, per parameter group
+    )
+    if trainer.ref_model is not None:
+        mask_tokens(trainer.accelerator.unwrap_model(trainer.ref_model), masked)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    window = max(1, min(20, args.steps // 4))
+    trainer.add_callback(make_table_callback(print_every=max(1, args.steps // 20), window=window))
+    vppo_settings = (
+        f"estimator {args.estimator}, perturbation {args.perturbation}, token_filter_ratio "
+        f"{config.token_filter_ratio}, "
+        if method == "vppo"
+        else ""
+    )
+    print(
+        f"{method.upper()}: {args.steps} steps of {PROMPTS_PER_STEP} prompts x {NUM_GENERATIONS} completions, "
+        f"{vppo_settings}lr {args.learning_rate} (vision tower x{VISION_LR_MULTIPLIER:g}), KL beta {args.beta}."
+    )
+    trainer.train()
+    return trainer
+
+
+def build_model_from(folder: Path) -> torch.nn.Module:
+    """The warm-start policy, loaded from its folder (TRL loads the KL reference from the same one)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder)
+
+
+def save_trained_model(trainer, processor: Any, masked: list[int], folder: Path) -> None:
+    """
+    Save the policy where `vppo-trl spotlight --model` can load it. The masking bias of the output layer is not part
+    of the Qwen2.5-VL architecture and is not saved; `suppress_tokens` keeps generation from emitting those ids.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.generation_config.suppress_tokens = masked
+    trainer.save_model(str(folder))
+    processor.save_pretrained(str(folder))
+
+
+def spotlight_trained_model(model: torch.nn.Module, processor: Any, args: argparse.Namespace) -> dict[str, Path]:
+    """Token perception of the trained model on a held-out image: completions sampled as in training, with rewards."""
+    from .spotlight import perturbed_views, sample_perceptions, write_spotlight
+
+    row = make_colour_dataset(1, seed=args.seed + 4)[0]
+    was_training = model.training
+    model.eval()
+    perceptions = sample_perceptions(
+        model, processor, COLOUR_QUESTION, row["images"], num_completions=SPOTLIGHT_COMPLETIONS,
+        answer=row["answer"], reward_func=colour_reward, max_new_tokens=4, seed=args.seed,
+        perturbation=args.perturbation, estimator=args.estimator, draws=SPOTLIGHT_DRAWS,
+    )  # fmt: skip
+    originals, perturbed = perturbed_views(model, processor, COLOUR_QUESTION, row["images"], args.perturbation,
+                                           args.seed)  # fmt: skip
+    model.train(was_training)
+    title = f"Token perception of the demo's VPPO model on a held-out {row['answer']} shape"
+    subtitle = (
+        f"tiny Qwen2.5-VL after {args.steps} VPPO steps (seed {args.seed}) · {SPOTLIGHT_COMPLETIONS} completions "
+        f"sampled at temperature 1 · {args.perturbation}, {args.estimator}, {SPOTLIGHT_DRAWS} draws averaged"
+    )
+    paths = write_spotlight(Path(args.output_dir) / "spotlight", perceptions, originals, perturbed, COLOUR_QUESTION,
+                            title=title, subtitle=subtitle)  # fmt: skip
+    correct = sum(item.reward for item in perceptions)
+    mean_dependency = sum(item.trajectory_dependency for item in perceptions) / len(perceptions)
+    print(
+        f"Spotlight on a held-out {row['answer']} shape: {correct:g} of {len(perceptions)} sampled answers right, "
+        f"mean trajectory dependency {mean_dependency:.3g}. Page: {paths['perception.html']}, picture: "
+        f"{paths['perception.png']}"
+    )
+    return paths
+
+
+def plot_comparison(runs: dict[str, list[dict[str, Any]]], window: int, path: Path, title: str) -> None:
+    """Reward curves of several methods ({name: step logs}) on one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for (name, rows), colour in zip(runs.items(), ("tab:orange", "tab:blue"), strict=False):
+        steps = [row["step"] for row in rows]
+        rewards = [row["reward"] for row in rows]
+        smoothed = [window_mean(rewards[: i + 1], window) for i in range(len(rewards))]
+        axis.plot(steps, rewards, color=colour, alpha=0.2, linewidth=1)
+        axis.plot(steps, smoothed, color=colour, linewidth=2, label=f"{name} ({window}-step mean)")
+    axis.axhline(CHANCE_REWARD, color="grey", linestyle="--", linewidth=1, label="chance (1/4)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel("step")
+    axis.set_ylabel("accuracy reward")
+    axis.set_title(title)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import set_seed
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -289,11 +466,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     warm_start_dir = output_dir / "warm_start"
     model.save_pretrained(warm_start_dir)
     processor.save_pretrained(warm_start_dir)
-    policy = type(model).from_pretrained(warm_start_dir)
     masked = suppressed_token_ids(processor)
-    mask_tokens(policy, masked)
     eval_seed = args.seed + 2
-    accuracy_before = greedy_accuracy(policy, processor, seed=eval_seed)
+    warm_policy = build_model_from(warm_start_dir)
+    mask_tokens(warm_policy, masked)
+    accuracy_before = greedy_accuracy(warm_policy, processor, seed=eval_seed)
     print(
         f"  loss {loss:.3f} per answer token (a uniform colour guess and a sure <|im_end|> give "
         f"ln(4) / 2 = {math.log(4) / 2:.3f}); held-out greedy accuracy {accuracy_before:.2f} "
@@ -301,63 +478,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(f"Masked (never emitted): {processor.tokenizer.convert_ids_to_tokens(masked)}.")
 
-    config = VPPOConfig(
-        output_dir=str(output_dir / "trainer"),
-        max_steps=args.steps,
-        per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS,
-        num_generations=NUM_GENERATIONS,
-        max_completion_length=4,
-        temperature=1.0,
-        beta=args.beta,
-        gradient_checkpointing=False,  # TRL turns it on by default; a model this small does not need to save memory
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        dependency_estimator=args.estimator,
-        perturbation=args.perturbation,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=args.seed,
-    )
-    # One fresh image per prompt of the run: no image is seen twice.
-    train_dataset = make_colour_dataset(args.steps * PROMPTS_PER_STEP, seed=args.seed + 3)
-    vision = list(policy.model.visual.parameters())
-    vision_ids = {id(p) for p in vision}
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": vision, "lr": args.learning_rate * VISION_LR_MULTIPLIER},
-            {"params": [p for p in policy.parameters() if p.requires_grad and id(p) not in vision_ids]},
-        ],
-        lr=args.learning_rate,
-        weight_decay=0.0,
-    )
-    trainer = VPPOTrainer(
-        model=policy,
-        reward_funcs=colour_reward,
-        args=config,
-        train_dataset=train_dataset,
-        processing_class=processor,
-        optimizers=(optimizer, None),  # the scheduler (constant) is built by the Trainer, per parameter group
-    )
-    if trainer.ref_model is not None:
-        mask_tokens(trainer.accelerator.unwrap_model(trainer.ref_model), masked)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    window = max(1, min(20, args.steps // 4))
-    trainer.add_callback(make_table_callback(print_every=max(1, args.steps // 20), window=window))
-    print(
-        f"VPPO: {args.steps} steps of {PROMPTS_PER_STEP} prompts x {NUM_GENERATIONS} completions, "
-        f"estimator {args.estimator}, perturbation {args.perturbation}, token_filter_ratio "
-        f"{config.token_filter_ratio}, lr {args.learning_rate} (vision tower x{VISION_LR_MULTIPLIER:g}), "
-        f"KL beta {args.beta}."
-    )
     train_start = time.perf_counter()
-    trainer.train()
+    trainer = train_policy("vppo", args, warm_start_dir, processor, masked)
     train_seconds = time.perf_counter() - train_start
     accuracy_after = greedy_accuracy(trainer.model, processor, seed=eval_seed)
+    model_dir = Path(trainer.args.output_dir)
+    save_trained_model(trainer, processor, masked, model_dir)
+    spotlight_paths = spotlight_trained_model(trainer.model, processor, args)
 
+    window = max(1, min(20, args.steps // 4))
     rows = step_logs(trainer.state.log_history)
     rewards = [row["reward"] for row in rows]
     start_reward, end_reward = sum(rewards[:window]) / window, window_mean(rewards, window)
@@ -388,17 +517,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "greedy_accuracy_after": accuracy_after,
         "learned": learned,
         "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - start,
         "log": str(csv_path),
         "plot": str(plot_path),
+        "model": str(model_dir),
+        "spotlight": str(spotlight_paths["perception.html"]),
+        "spotlight_png": str(spotlight_paths["perception.png"]),
     }
+    summary["total_seconds"] = time.perf_counter() - start
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-
     print(
         f"Held-out greedy accuracy on {EVAL_IMAGES} fresh images: {accuracy_before:.2f} before VPPO -> "
         f"{accuracy_after:.2f} after. Training {train_seconds:.0f} s, total {summary['total_seconds']:.0f} s."
     )
-    print(f"Per-step log: {csv_path}; summary: {summary_path}")
+    print(f"Per-step log: {csv_path}; summary: {summary_path}; trained model: {model_dir}")
     change = f"mean reward {start_reward:.2f} (first {window} steps) -> {end_reward:.2f} (last {window} steps)"
     if args.quick:
         verdict = f"quick run, too short to judge learning: {change}"
@@ -407,6 +538,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         verdict = f"did NOT clearly learn: {change}, below the {LEARNED_THRESHOLD} threshold"
     print(f"Verdict: {verdict}. Plot: {plot_path}")
+
+    if args.compare == "grpo":
+        compare_start = time.perf_counter()
+        grpo = train_policy("grpo", args, warm_start_dir, processor, masked)
+        grpo_rows = step_logs(grpo.state.log_history)
+        grpo_rewards = [row["reward"] for row in grpo_rows]
+        comparison_path = output_dir / "vppo_vs_grpo.png"
+        title = f"VPPO vs GRPO from the same warm start, tiny Qwen2.5-VL, CPU (seed {args.seed})"
+        plot_comparison({"VPPO": rows, "GRPO": grpo_rows}, window, comparison_path, title=title)
+        write_csv(grpo_rows, output_dir / "grpo_log.csv")
+        summary.update(
+            grpo_start_reward=sum(grpo_rewards[:window]) / window,
+            grpo_end_reward=window_mean(grpo_rewards, window),
+            grpo_greedy_accuracy_after=greedy_accuracy(grpo.model, processor, seed=eval_seed),
+            grpo_seconds=time.perf_counter() - compare_start,
+            comparison_plot=str(comparison_path),
+        )
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(
+            f"GRPO: mean reward {summary['grpo_start_reward']:.2f} (first {window} steps) -> "
+            f"{summary['grpo_end_reward']:.2f} (last {window} steps), held-out greedy accuracy "
+            f"{summary['grpo_greedy_accuracy_after']:.2f}; VPPO: {start_reward:.2f} -> {end_reward:.2f}, "
+            f"{accuracy_after:.2f}. Plot: {comparison_path}"
+        )
     return summary
 
 

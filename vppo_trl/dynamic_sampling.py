@@ -16,24 +16,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
-from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+
+from .batch_rows import concatenate_rows, select_rows
 
 logger = logging.get_logger(__name__)
-
-# Tensors of a GRPO generation batch aligned with the prompt (left-padded) or the completion (right-padded), with
-# the value TRL pads them with (None: the tokenizer's pad token).
-PROMPT_KEYS = {"prompt_ids": None, "prompt_mask": 0}
-COMPLETION_KEYS = {
-    "completion_ids": None,
-    "completion_mask": 0,
-    "old_per_token_logps": 0.0,
-    "ref_per_token_logps": 0.0,
-    "sampling_per_token_logps": 0.0,
-    "importance_sampling_ratio": 1.0,
-    "tool_mask": 1,
-}
-# Token type ids span prompt and completion, both padded with 0.
-PROMPT_COMPLETION_KEYS = ("token_type_ids", "mm_token_type_ids")
 
 
 class PromptStream:
@@ -105,62 +91,6 @@ class _EpochProgressCallback(TrainerCallback):
         stream = self.trainer._prompt_stream
         if stream is not None and has_length(train_dataloader):
             state.epoch = stream.epoch + stream.consumed / len(train_dataloader)
-
-
-def select_rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
-    """The `rows` of a generation batch whose image tensors were split per sample (`split_pixel_values_by_grid`)."""
-    selected = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.ndim == 0:
-            continue  # batch-level scalar (`num_items_in_batch`), recomputed for the final batch
-        if isinstance(value, torch.Tensor):
-            selected[key] = value[torch.tensor(rows, dtype=torch.long, device=value.device)]
-        else:
-            selected[key] = [value[row] for row in rows]
-    return selected
-
-
-def _pad_width(tensor: torch.Tensor, width: int, value: float, side: str) -> torch.Tensor:
-    missing = width - tensor.size(1)
-    if missing == 0:
-        return tensor
-    filler = tensor.new_full((tensor.size(0), missing, *tensor.shape[2:]), value)
-    return torch.cat([filler, tensor] if side == "left" else [tensor, filler], dim=1)
-
-
-def concatenate_rows(pieces: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Stack row selections of several generation rounds, re-padding prompts (on the left) and completions."""
-    keys = pieces[0].keys()
-    if any(piece.keys() != keys for piece in pieces):
-        raise ValueError(
-            f"Dynamic sampling cannot merge generation rounds with different fields: "
-            f"{sorted({key for piece in pieces for key in piece})}."
-        )
-    prompt_width = max(piece["prompt_ids"].size(1) for piece in pieces)
-    completion_width = max(piece["completion_ids"].size(1) for piece in pieces)
-    merged = {}
-    for key in keys:
-        values = [piece[key] for piece in pieces]
-        if key in PROMPT_KEYS:
-            value = pad_token_id if PROMPT_KEYS[key] is None else PROMPT_KEYS[key]
-            values = [_pad_width(v, prompt_width, value, "left") for v in values]
-        elif key in COMPLETION_KEYS:
-            value = pad_token_id if COMPLETION_KEYS[key] is None else COMPLETION_KEYS[key]
-            width = max(v.size(1) for v in values)  # sequence-level importance ratios are [B, 1]
-            values = [_pad_width(v, width, value, "right") for v in values]
-        elif key in PROMPT_COMPLETION_KEYS:
-            values = [
-                torch.cat(
-                    [
-                        _pad_width(v[:, : piece["prompt_ids"].size(1)], prompt_width, 0, "left"),
-                        _pad_width(v[:, piece["prompt_ids"].size(1) :], completion_width, 0, "right"),
-                    ],
-                    dim=1,
-                )
-                for v, piece in zip(values, pieces, strict=True)
-            ]
-        merged[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else [x for v in values for x in v]
-    return merged
 
 
 class DynamicSamplingMixin:
@@ -272,13 +202,12 @@ class DynamicSamplingMixin:
             if extra_rounds == 0 and global_missing == 0:
                 self._log_dynamic_sampling(1, generated, informative_generated, target, target)
                 return output  # every group of every process is informative: GRPO's batch as is
-            split = split_pixel_values_by_grid(output)
             if take:
-                informative_pieces.append(select_rows(split, self._group_rows(take)))
+                informative_pieces.append(select_rows(output, self._group_rows(take)))
                 found += len(take)
             spare = (~informative).nonzero().squeeze(-1).tolist()[: max(missing - spares, 0)]
             if spare:
-                spare_pieces.append(select_rows(split, self._group_rows(spare)))
+                spare_pieces.append(select_rows(output, self._group_rows(spare)))
                 spares += len(spare)
             if global_missing == 0 or extra_rounds == args.dynamic_sampling_max_rounds:
                 break
@@ -307,7 +236,7 @@ class DynamicSamplingMixin:
             if self.accelerator.is_main_process:
                 logger.warning(f"{message}The batch is topped up with uninformative groups. {advice}.")
         pieces = informative_pieces + self._first_groups(spare_pieces, target - found)
-        merged = unsplit_pixel_values_by_grid(concatenate_rows(pieces, self._tokenizer.pad_token_id))
+        merged = concatenate_rows(pieces, self._tokenizer.pad_token_id)
         loss_mask = (
             merged["completion_mask"] * merged["tool_mask"] if "tool_mask" in merged else merged["completion_mask"]
         )

@@ -16,6 +16,8 @@ SECTION_BEGIN = "<!-- vppo-trl:begin -->"
 SECTION_END = "<!-- vppo-trl:end -->"
 # TRL's card template ends with this section; the VPPO section goes right before it.
 CITATIONS_HEADING = "## Citations"
+# What TRL's card template says when it has no base model (the model was loaded from a local folder).
+NO_BASE_MODEL = "a fine-tuned version of [None](https://huggingface.co/None)"
 
 
 def _on_off(value: bool) -> str:
@@ -85,13 +87,25 @@ def vppo_model_card_section(args: VPPOConfig) -> str:
     )
 
 
-def append_vppo_section(readme_path: str, args: VPPOConfig) -> None:
+def describe_local_base_model(card: str, model_id: str | None) -> str:
+    """
+    TRL's card names no base model for a model loaded from a local folder and then reads "a fine-tuned version of
+    [None](https://huggingface.co/None)": name the folder instead, without a link to a Hub page that does not exist.
+    """
+    if NO_BASE_MODEL not in card:
+        return card
+    described = f"a fine-tuned version of the local model `{model_id}`" if model_id else "a fine-tuned model"
+    return card.replace(NO_BASE_MODEL, described)
+
+
+def append_vppo_section(readme_path: str, args: VPPOConfig, base_model: str | None = None) -> None:
     """
     Add the VPPO section to the model card at `readme_path` (written by TRL's `create_model_card`), before its
     citations, or at the end. A section already there is replaced, so calling this again never duplicates it.
+    `base_model` (the model's `_name_or_path`) names a local base model that TRL's card leaves as "[None]".
     """
     path = Path(readme_path)
-    card = path.read_text(encoding="utf-8")
+    card = describe_local_base_model(path.read_text(encoding="utf-8"), base_model)
     section = vppo_model_card_section(args)
     begin, end = card.find(SECTION_BEGIN), card.find(SECTION_END)
     if begin != -1 and end > begin:

@@ -13,24 +13,38 @@ accelerate launch --config_file recipes/accelerate/zero3.yaml -m vppo_trl.train 
 The recipe's keys are the fields of [`VPPOScriptArguments`], [`VPPOConfig`] and [`~trl.ModelConfig`].
 """
 
+import argparse
+import difflib
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
+import datasets
+import huggingface_hub
 import transformers
+import yaml
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import validate_repo_id
 from packaging.version import Version
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .config import VPPOConfig
-from .data import ON_BAD_ROW_CHOICES, DataReport, load_vppo_dataset
+from .data import ON_BAD_ROW_CHOICES, BadInputError, DataReport, load_vppo_dataset
 from .rewards import REWARD_FUNCTIONS, get_reward_functions
 from .trainer import VPPOTrainer
 
 # Prefixes that make a model or dataset name a local path rather than a Hub id.
 LOCAL_PATH_PREFIXES = (".", "/", "~")
+# File suffixes that make a name a local path too (`data/train.parquet` is also a well-formed Hub id).
+LOCAL_FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow", ".safetensors", ".bin", ".yaml", ".yml")
+# Seconds to wait for the Hub when checking that a model or dataset id exists there (instead of ~30 s of retries).
+HUB_CHECK_TIMEOUT_SECONDS = 5
 
 
 @dataclass
@@ -124,14 +138,77 @@ class VPPOScriptArguments:
             raise ValueError(f"min_pixels={self.min_pixels} must not exceed max_pixels={self.max_pixels}.")
 
 
+class RecipeParser(TrlParser):
+    """
+    TrlParser whose mistakes end in one line: an unknown recipe key or flag (with the closest valid name), or a
+    recipe value of the wrong type (argparse checks the types of command-line values, not of YAML numbers).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")  # argparse would print the whole usage first
+
+    def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
+        actions = {action.dest: action for action in self._actions}
+        for key, value in kwargs.items():
+            if key not in actions:
+                raise ValueError(f"unknown recipe key {key!r}{_did_you_mean(key, actions)}")
+            kwargs[key] = _recipe_value(actions[key], key, value)
+        return super().set_defaults_with_config(**kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, unknown = super().parse_known_args(args, namespace)
+        if unknown:  # HfArgumentParser would raise a ValueError listing them, without a suggestion
+            name = unknown[0].split("=", 1)[0]
+            flags = [option for action in self._actions for option in action.option_strings]
+            hint = _did_you_mean(name, flags) if name.startswith("-") else ""
+            self.error(f"unknown argument {name!r}{hint}")
+        return namespace, unknown
+
+
+def _did_you_mean(name: str, valid_names) -> str:
+    matches = difflib.get_close_matches(name, list(valid_names), n=1)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def _recipe_value(action: argparse.Action, key: str, value: Any) -> Any:
+    """A recipe's `value` for `key`, converted and checked with the flag's own type, as a typed flag would be."""
+    if value is None or isinstance(value, (str, dict)) or action.type is None:
+        return value  # argparse converts strings itself; dicts go to dict-valued fields as they are
+    if isinstance(value, list):
+        return [_convert(action, key, item) for item in value] if action.nargs in ("+", "*") else value
+    return _convert(action, key, value)
+
+
+def _convert(action: argparse.Action, key: str, value: Any) -> Any:
+    try:
+        converted = action.type(str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        converted = None
+    if converted is None or (action.choices and converted not in action.choices):
+        name = getattr(action.type, "__name__", "a valid value")
+        expected = {"string_to_bool": "true or false"}.get(name, name)
+        expected = f"one of {list(action.choices)}" if action.choices else expected
+        raise ValueError(f"recipe key {key!r} must be {expected}, got {value!r} ({type(value).__name__})")
+    return converted
+
+
 def make_parser(prog: str | None = None) -> TrlParser:
     """The parser of the training script: the recipe's keys and the command-line flags share the same names."""
-    return TrlParser(
+    parser = RecipeParser(
         (VPPOScriptArguments, VPPOConfig, ModelConfig),
         prog=prog,
         description="Train a vision-language model with VPPO. Pass a recipe with --config <recipe>.yaml; any flag "
         "below overrides the recipe's value.",
     )
+    # TrlParser reads `--config` itself before parsing; listed here so that --help shows it. SUPPRESS keeps it out of
+    # the parsed namespace, which must hold dataclass fields only.
+    parser.add_argument(
+        "--config",
+        metavar="RECIPE.yaml",
+        default=argparse.SUPPRESS,
+        help="YAML recipe whose keys set the fields below (see recipes/); flags on the command line override it.",
+    )
+    return parser
 
 
 def resolve_reward_functions(names: list[str]) -> list[Callable[..., list[float]]]:
@@ -151,26 +228,63 @@ def resolve_reward_functions(names: list[str]) -> list[Callable[..., list[float]
     return functions
 
 
-def _check_local(name: str, what: str) -> None:
-    if name.startswith(LOCAL_PATH_PREFIXES) and not Path(name).expanduser().exists():
+def _looks_local(name: str) -> bool:
+    """Whether `name` means a local path: it starts like one, ends like a data file, or cannot be a Hub id."""
+    if name.startswith(LOCAL_PATH_PREFIXES) or name.lower().endswith(LOCAL_FILE_SUFFIXES):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _hub_problem(name: str, repo_type: str) -> str | None:
+    """Why the Hub cannot serve the `repo_type` repository `name`, or `None` if it can (or has it cached)."""
+    hub_cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    cache_folders = [hub_cache / repo_folder_name(repo_id=name, repo_type=repo_type)]
+    if repo_type == "dataset":  # what `datasets` prepared from it
+        cache_folders.append(Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___"))
+    cached = any(folder.is_dir() for folder in cache_folders)
+    if huggingface_hub.is_offline_mode():
+        return None if cached else "the Hub is offline (HF_HUB_OFFLINE) and has no copy of it in the local cache"
+    try:
+        huggingface_hub.HfApi().repo_info(name, repo_type=repo_type, timeout=HUB_CHECK_TIMEOUT_SECONDS)
+    except GatedRepoError:
+        return None  # it exists; access is the Hub's business
+    except RepositoryNotFoundError:
+        return f"the Hub has no {repo_type} of that name (if it is private, log in with `hf auth login`)"
+    except Exception as error:  # no network, DNS failure, timeout, server error...
+        return None if cached else f"the Hub cannot be reached to look for it ({type(error).__name__})"
+    return None
+
+
+def _check_source(name: str, what: str, repo_type: str) -> None:
+    """Fail in one line, without waiting for the Hub's retries, when `name` is neither on disk nor on the Hub."""
+    if Path(name).expanduser().exists():
+        return
+    if _looks_local(name):
         raise FileNotFoundError(
             f"{what} {name!r} does not exist. For recipes/cpu_demo.yaml, its header shows how to create its model "
             "and data."
         )
+    problem = _hub_problem(name, repo_type)
+    if problem is not None:
+        raise FileNotFoundError(f"{what} {name!r} is neither a local file or folder nor usable on the Hub: {problem}.")
 
 
 def check_args(script_args: VPPOScriptArguments, training_args: VPPOConfig, model_args: ModelConfig) -> None:
     """Fail before any model or data is loaded when the arguments cannot work."""
     if model_args.model_name_or_path is None:
         raise ValueError("model_name_or_path is required (a Hub model id or a local folder).")
-    _check_local(model_args.model_name_or_path, "Model folder")
+    _check_source(model_args.model_name_or_path, "Model folder", "model")
     if script_args.dataset_name is None:
         raise ValueError("dataset_name is required (a Hub dataset id or a local file or folder).")
-    _check_local(script_args.dataset_name, "Dataset")
+    _check_source(script_args.dataset_name, "Dataset", "dataset")
     if training_args.eval_strategy != "no":
         if script_args.eval_dataset_name is None:
             raise ValueError(f"eval_strategy={training_args.eval_strategy.value!r} needs an eval_dataset_name.")
-        _check_local(script_args.eval_dataset_name, "Eval dataset")
+        _check_source(script_args.eval_dataset_name, "Eval dataset", "dataset")
     reward_funcs = resolve_reward_functions(script_args.reward_funcs)
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
         raise ValueError(
@@ -187,9 +301,16 @@ def parse_args(
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
         check_args(script_args, training_args, model_args)
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except (ValueError, OSError, yaml.YAMLError) as error:  # OSError: e.g. a missing recipe file
+        _exit_with_error(parser.prog, error)
     return script_args, training_args, model_args
+
+
+def _exit_with_error(prog: str, error: Exception) -> NoReturn:
+    """End the program as argparse does for a bad flag: a one-line message on stderr, exit status 2, no traceback."""
+    message = str(error) if isinstance(error, BadInputError) else " ".join(str(error).split())
+    print(f"{prog}: error: {message}", file=sys.stderr)  # a BadInputError may list more problems on further lines
+    sys.exit(2)
 
 
 def _load(script_args: VPPOScriptArguments, source: str, split: str, max_rows: int | None):
@@ -240,15 +361,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> VPPOTrainer:
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
 
-    train_dataset, train_report = _load(
-        script_args, script_args.dataset_name, script_args.dataset_train_split, script_args.max_train_rows
-    )
-    reports = {"train": train_report}
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset, reports["eval"] = _load(
-            script_args, script_args.eval_dataset_name, script_args.eval_dataset_split, script_args.max_eval_rows
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        train_dataset, train_report = _load(
+            script_args, script_args.dataset_name, script_args.dataset_train_split, script_args.max_train_rows
         )
+        reports = {"train": train_report}
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset, reports["eval"] = _load(
+                script_args, script_args.eval_dataset_name, script_args.eval_dataset_split, script_args.max_eval_rows
+            )
+    except (BadInputError, FileNotFoundError) as error:
+        _exit_with_error(prog, error)
 
     trainer = VPPOTrainer(
         model=model_args.model_name_or_path,
@@ -262,8 +387,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> VPPOTrainer:
     _report_data(trainer, reports)
 
     resume = training_args.resume_from_checkpoint
-    # `--resume_from_checkpoint true` (as in TRL's scripts) means the newest complete checkpoint of output_dir.
-    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+    try:
+        with warnings.catch_warnings():
+            # TRL 1.16 reads `model.is_gradient_checkpointing`, which transformers 5 deprecates, at every generation:
+            # a notice for TRL, that nothing in the user's recipe can change.
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            # `--resume_from_checkpoint true` (as in TRL's scripts) means the newest complete checkpoint of output_dir.
+            trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+    except BadInputError as error:  # e.g. a prompt longer than the model's context; saved checkpoints stay
+        print(file=sys.stderr)  # end the line of the progress bar
+        _exit_with_error(prog, error)
     trainer.accelerator.print("✅ Training completed.")
 
     trainer.save_model(training_args.output_dir)

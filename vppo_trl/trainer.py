@@ -15,6 +15,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
+from .batch_rows import model_inputs, select_rows
 from .checkpoints import ExactResumeMixin
 from .config import VPPOConfig
 from .core import (
@@ -22,14 +23,18 @@ from .core import (
     advantage_scales,
     entropy_penalty,
     kl_token_dependency,
+    random_token_mask,
     token_dependency,
     top_dependency_mask,
+    top_entropy_mask,
     trajectory_dependency,
 )
+from .data import check_prompt_lengths
 from .dynamic_sampling import DynamicSamplingMixin
 from .guards import NonFiniteLossGuardMixin
 from .model_card import append_vppo_section
 from .perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
+from .spotlight_callback import SpotlightCallback, capture_spotlight
 from .vision_sync import ImagelessProcessMixin
 
 logger = logging.get_logger(__name__)
@@ -38,8 +43,6 @@ logger = logging.get_logger(__name__)
 DEFERRED_KEY = "vppo_perturbed_logps"
 # Batch key of each completion's images as the data delivered them (perturbation_space="original_image").
 IMAGES_KEY = "vppo_images"
-# Per-sample tensors of a generation batch that a sub-batch of rows must carry along.
-PER_SAMPLE_KEYS = ("token_type_ids", "mm_token_type_ids", "pixel_attention_mask")
 # Image layouts the perturbation cannot rebuild (tiled or position-indexed pixels).
 UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
 # Logits (rows x positions x vocabulary) per chunk when the `kl` estimator projects hidden states onto the
@@ -104,6 +107,11 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
         self._warned_image_mismatch = False
         # With dropout, train-mode forwards are random: VPPO scores in eval mode and cannot reuse train-mode log-probs.
         self._has_dropout = has_dropout(self.model)
+        # Set by SpotlightCallback on the steps it writes: keep what `_shape_advantages` measured in `spotlight_batch`.
+        self.spotlight_capture = False
+        self.spotlight_batch = None
+        if args.spotlight_steps > 0:
+            self.add_callback(SpotlightCallback(self))
         columns = getattr(self.train_dataset, "column_names", None)
         if columns is not None and "images" not in columns and "image" not in columns:
             self._warn_without_images()
@@ -145,6 +153,8 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
 
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        # Name a prompt the model's context cannot hold, rather than run past it (RoPE) or fail in the generator.
+        check_prompt_lengths(prompts, prompt_ids, self.args.max_completion_length, self.model.config)
         if images is not None:
             # TRL marks a text-only prompt's images None, which processors reject in a batch mixing text and images.
             images = [prompt_images or [] for prompt_images in images]
@@ -204,9 +214,16 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             batch.update({f"{DEFERRED_KEY}_{name}": value for name, value in roles.items()})
             return
         dependency = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        entropies = None
         if run_pass:
             dependency = self._visual_dependency(batch, rows, mask)
-        self._shape_advantages(batch, dependency, **roles)
+        if self.args.token_filter_criterion == "entropy" and self.args.token_filter_ratio < 1.0:
+            # No forward of this route gives the original-image entropies (old log-probs are reused without them, and
+            # `kl` keeps its logits chunk-local): one more forward, on the measured rows only.
+            entropies = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            if run_pass:
+                entropies = self._visual_dependency(batch, rows, mask, self._original_token_entropies)
+        self._shape_advantages(batch, dependency, **roles, entropies=entropies)
 
     def _defers_original_logps(self, batch: dict[str, Any]) -> bool:
         """
@@ -232,13 +249,18 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
         measured: torch.Tensor,
         shapeable: torch.Tensor,
         with_image: torch.Tensor,
+        entropies: torch.Tensor | None = None,
     ) -> None:
-        """Fold TGF (per-token mask) and TAS (per-completion scale) into `batch["advantages"]`, and log metrics."""
+        """
+        Fold TGF (per-token mask) and TAS (per-completion scale) into `batch["advantages"]`, and log metrics.
+
+        `entropies` (original-image policy entropies) are needed only by the `entropy` token filter criterion.
+        """
         args = self.args
         mask = loss_mask(batch)
         advantages = batch["advantages"]
         if args.token_filter_ratio < 1.0:
-            filtered = top_dependency_mask(dependency, mask, args.token_filter_ratio)
+            filtered = self._filter_tokens(dependency, entropies, mask)
             keep = torch.where(measured.unsqueeze(-1), filtered, mask.bool())
         else:
             keep = mask.bool()
@@ -258,7 +280,25 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             batch["advantages"] = shaped.unsqueeze(-1) * keep.to(shaped.dtype)
         else:
             batch["advantages"] = shaped
+        if self.spotlight_capture:
+            scales = all_scales[first : first + len(advantages)]
+            self.spotlight_batch = capture_spotlight(self, batch, dependency, mask, keep, measured, scales, advantages)
         self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
+
+    def _filter_tokens(
+        self, dependency: torch.Tensor, entropies: torch.Tensor | None, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """TGF's kept tokens under `token_filter_criterion`: by dependency (VPPO), at random or by entropy."""
+        ratio, criterion = self.args.token_filter_ratio, self.args.token_filter_criterion
+        if criterion == "random":
+            # Own stream, seeded like the perturbation draws; drawn for the whole batch: skipping changes nothing.
+            seed = hash((self.args.seed, self._perturbation_round, self.accelerator.process_index, 1)) % (2**63)
+            return random_token_mask(mask, ratio, torch.Generator(device=mask.device).manual_seed(seed))
+        if criterion == "entropy":
+            if entropies is None:
+                raise RuntimeError("token_filter_criterion='entropy' needs the original-image entropies.")
+            return top_entropy_mask(entropies, mask, ratio)
+        return top_dependency_mask(dependency, mask, ratio)
 
     def _visual_dependency(
         self, batch: dict[str, Any], rows: list[int], mask: torch.Tensor, measure: Callable | None = None
@@ -342,51 +382,12 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             )
         return processed["pixel_values"].to(pixel_values.dtype)
 
-    def _select_rows(self, batch: dict[str, Any], rows: Sequence[int]) -> dict:
+    @staticmethod
+    def _select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict:
         """Model inputs for the completions `rows` of a generation batch (prompt + completion)."""
         if list(rows) == list(range(batch["prompt_ids"].size(0))):
-            return self._all_rows(batch)  # nothing skipped: no copies
-        index = torch.tensor(rows, device=batch["prompt_ids"].device, dtype=torch.long)
-        inputs = {
-            "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)[index],
-            "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)[index],
-        }
-        num_images = batch.get("num_images")
-        pixel_values = batch.get("pixel_values")
-        if num_images is not None and pixel_values is not None:
-            image_counts = torch.tensor(num_images)
-            first_image = torch.cat([torch.zeros(1, dtype=torch.long), image_counts.cumsum(0)])
-            image_ids = [i for r in rows for i in range(int(first_image[r]), int(first_image[r + 1]))]
-            grid = batch.get("image_grid_thw")
-            if grid is not None:
-                rows_per_image = grid.prod(-1).tolist()
-                first_row = [0]
-                for count in rows_per_image:
-                    first_row.append(first_row[-1] + count)
-                pixel_rows = [p for i in image_ids for p in range(first_row[i], first_row[i + 1])]
-                inputs["pixel_values"] = pixel_values[torch.tensor(pixel_rows, device=pixel_values.device)]
-                inputs["image_grid_thw"] = grid[torch.tensor(image_ids, device=grid.device, dtype=torch.long)]
-            elif pixel_values.size(0) == sum(num_images):
-                inputs["pixel_values"] = pixel_values[torch.tensor(image_ids, device=pixel_values.device)]
-            else:
-                inputs["pixel_values"] = pixel_values[index]
-            if "image_sizes" in batch:
-                inputs["image_sizes"] = batch["image_sizes"][torch.tensor(image_ids, dtype=torch.long)]
-            inputs["num_images"] = [num_images[r] for r in rows]
-        for key in PER_SAMPLE_KEYS:
-            if key in batch:
-                inputs[key] = batch[key][index]
-        return inputs
-
-    @staticmethod
-    def _all_rows(batch: dict[str, Any]) -> dict:
-        inputs = {
-            "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-        }
-        keys = ("pixel_values", "image_grid_thw", "image_sizes", "num_images", *PER_SAMPLE_KEYS)
-        inputs.update({key: batch[key] for key in keys if batch.get(key) is not None})
-        return inputs
+            return model_inputs(batch)  # nothing skipped: no copies
+        return model_inputs(select_rows(batch, list(rows)))
 
     def _sampled_token_logps(self, inputs: dict, logits_to_keep: int) -> torch.Tensor:
         logps, _, _ = self._get_per_token_logps_and_entropies(
@@ -398,6 +399,20 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             **{key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")},
         )
         return logps
+
+    def _original_token_entropies(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
+        """The policy's per-token entropies on the original images (the `entropy` token filter criterion)."""
+        inputs = self._select_rows(batch, rows)
+        _, entropies, _ = self._get_per_token_logps_and_entropies(
+            self.model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            logits_to_keep,
+            batch_size=self.args.per_device_train_batch_size,
+            compute_entropy=True,
+            **{key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")},
+        )
+        return entropies
 
     def _perturbed_token_logps(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
         return self._sampled_token_logps(self._select_rows(perturbed, rows), logits_to_keep)
@@ -513,7 +528,8 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
         """TRL's model card (base model, dataset, trainer, citations), plus a section with the run's VPPO settings."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if self.is_world_process_zero():
-            append_vppo_section(os.path.join(self.args.output_dir, "README.md"), self.args)
+            base_model = get_config_model_id(self.accelerator.unwrap_model(self.model).config)
+            append_vppo_section(os.path.join(self.args.output_dir, "README.md"), self.args, base_model)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss: GRPO's, plus the entropy penalty on the current policy's log-probs
@@ -526,15 +542,21 @@ class VPPOTrainer(DynamicSamplingMixin, ExactResumeMixin, NonFiniteLossGuardMixi
             # The loss's own forward: GRPO reads the advantages only after it, so deferred TGF and TAS land in time.
             self._policy_logps = logps
             if DEFERRED_KEY in inputs:
-                self._finish_deferred_shaping(inputs, logps.detach())
+                self._finish_deferred_shaping(inputs, logps.detach(), entropies)
         return logps, entropies, aux_loss
 
-    def _finish_deferred_shaping(self, inputs: dict[str, Any], logps: torch.Tensor) -> None:
-        """TGF and TAS from the loss forward's log-probs (original images) and the stored perturbed log-probs."""
+    def _finish_deferred_shaping(
+        self, inputs: dict[str, Any], logps: torch.Tensor, entropies: torch.Tensor | None
+    ) -> None:
+        """
+        TGF and TAS from the loss forward's log-probs (original images) and the stored perturbed log-probs.
+
+        GRPO's loss forward also computes the entropies, so the `entropy` criterion costs no extra pass here.
+        """
         roles = {name: inputs.pop(f"{DEFERRED_KEY}_{name}") for name in ("measured", "shapeable", "with_image")}
         measured_mask = loss_mask(inputs) * roles["measured"].unsqueeze(-1)
         dependency = token_dependency(logps, inputs.pop(DEFERRED_KEY), measured_mask)
-        self._shape_advantages(inputs, dependency, **roles)
+        self._shape_advantages(inputs, dependency, **roles, entropies=entropies)
 
     def _compute_loss(self, model, inputs):
         self._loss_inputs = inputs

@@ -1,0 +1,1 @@
+"""vppo-trl's benchmarks: run them from the repository root (see benchmarks/README.md)."""

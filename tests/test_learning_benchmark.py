@@ -1,0 +1,75 @@
+"""benchmarks/learning.py in its smoke mode: every task and method runs, and the summary, table and plot hold them all.
+
+Which method learns faster is the benchmark's finding (benchmarks/LEARNING.md), not something a test can assert.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "learning.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("learning")
+    command = [sys.executable, str(SCRIPT), "--smoke", "--workers", "1", "--output-dir", str(out)]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return out
+
+
+def test_smoke_writes_every_run_summary_table_and_plot(smoke):
+    benchmark = load_benchmark()
+    methods = set(benchmark.DEFAULT_METHODS)
+    assert methods == {"grpo", "vppo", "tgf_only", "tas_only", "random"}
+    runs = {path.stem for path in (smoke / "runs").glob("*.json")}
+    assert runs == {f"{task}_{method}_seed0" for task in benchmark.TASKS for method in methods}
+    for name in runs:
+        log = json.loads((smoke / "runs" / f"{name}.json").read_text())["log"]
+        assert [row["step"] for row in log] == [1, 2]
+        assert all(0.0 <= row["reward"] <= 1.0 for row in log)
+
+    summary = json.loads((smoke / "summary.json").read_text())
+    assert set(summary["results"]) == set(benchmark.TASKS)
+    for task, results in summary["results"].items():
+        assert set(results) == methods, task
+        for method, entry in results.items():
+            assert entry["seeds"] == [0]
+            assert 0.0 <= entry["final_reward"]["mean"] <= 1.0
+            if method in ("grpo", "tas_only"):  # no TGF: every token is kept, no share to report
+                assert "colour_kept_all" not in entry and "tokens_kept_all" not in entry
+
+    table = (smoke / "LEARNING_RESULTS.md").read_text()
+    for task in benchmark.TASKS:
+        assert f"Task `{task}`" in table
+    for method in methods:
+        assert f"| {method} |" in table
+    with Image.open(smoke / "learning.png") as image:
+        assert image.format == "PNG" and image.size[0] > 600
+        image.verify()
+
+
+def test_first_colour_reward_ignores_fillers():
+    reward = load_benchmark().first_colour_reward
+    completions = [[{"role": "assistant", "content": text}] for text in ("so the is now red", "yes blue red", "okay")]
+    assert reward(completions, answer=["red", "red", "red"]) == [1.0, 0.0, 0.0]
+
+
+def test_steps_to_threshold_reads_the_moving_average():
+    benchmark = load_benchmark()
+    assert benchmark.steps_to_threshold([0.0, 1.0, 1.0, 1.0], window=2, threshold=0.75) == 3
+    assert benchmark.steps_to_threshold([0.0, 0.5], window=2, threshold=0.75) is None
