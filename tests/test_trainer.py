@@ -12,6 +12,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
+from vppo_trl.batch_rows import model_inputs
 from vppo_trl.perturbations import perturb_original_images, perturb_pixel_values
 from vppo_trl.testing import (
     COLOUR_QUESTION,
@@ -364,7 +365,7 @@ def test_token_filter_criteria_keep_exactly_ceil_ratio_n_tokens(tmp_path, criter
     assert kept[rows].sum(-1).tolist() == [-(-int(n) * 2 // 5) for n in valid[rows].sum(-1)]  # ceil(0.4 n)
     if criterion == "entropy":
         # The kept tokens are those where the policy, given the original image, is least certain.
-        inputs = trainer._all_rows(batch)
+        inputs = model_inputs(batch)
         with torch.no_grad():
             _, entropies, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model,
