@@ -251,3 +251,27 @@ def test_perturbed_views_are_the_processed_images():
     assert originals[0].size == perturbed[0].size == image.size
     assert max(abs(a - b) for a, b in zip(originals[0].tobytes(), image.tobytes(), strict=True)) <= 1
     assert set(perturbed[0].getdata()) == {(128, 128, 128)}
+
+
+def test_perturbs_in_the_trainers_space_by_default():
+    """As VPPOConfig's default, 14-px squares are blackened on the image as given, before the processor resizes it."""
+    import numpy as np
+
+    model, processor = build_tiny_vlm("qwen2_5_vl")
+    image = Image.new("RGB", (150, 90), (200, 30, 30))
+
+    def patch_blackness(space: str | None) -> np.ndarray:
+        kwargs = {} if space is None else {"perturbation_space": space}
+        _, perturbed = perturbed_views(
+            model, processor, "What colour?", [image], "patch_blackening", 0, prob=0.5, **kwargs
+        )
+        black = np.asarray(perturbed[0]).sum(-1) < 30
+        rows, columns = black.shape[0] // 14, black.shape[1] // 14
+        return black[: rows * 14, : columns * 14].reshape(rows, 14, columns, 14).mean((1, 3))
+
+    # Squares of the 150 x 90 original, resized to the processor's 56 x 28: every patch partly black, none fully.
+    default = patch_blackness(None)
+    assert ((default > 0) & (default < 1)).all()
+    # The processed-pixels route blackens whole patches.
+    rows = patch_blackness("pixel_values")
+    assert set(np.unique(rows)) <= {0.0, 1.0} and (rows == 1).any()

@@ -24,7 +24,7 @@ from .core import (
     top_dependency_mask,
     trajectory_dependency,
 )
-from .perturbations import PixelLayout, perturb_pixel_values
+from .perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
 from .spotlight_page import CONTINUATION
 
 # Most tokens one character can be split over (UTF-8 has at most 4 bytes per character).
@@ -132,6 +132,7 @@ def token_perception(
     completion: str | Sequence[int] | None = None,
     *,
     perturbation: str = "patch_blackening",
+    perturbation_space: str = "original_image",
     estimator: str = "k3",
     token_filter_ratio: float = 0.4,
     draws: int = 1,
@@ -149,7 +150,7 @@ def token_perception(
         prompt: the user's text, or a conversation in TRL's format.
         images: the prompt's images.
         completion: the answer to score, as text or token ids; `None` generates one greedily.
-        perturbation, estimator, token_filter_ratio, temperature: as in [`VPPOConfig`].
+        perturbation, perturbation_space, estimator, token_filter_ratio, temperature: as in [`VPPOConfig`].
         draws: number of perturbation draws averaged (random perturbations vary from draw to draw).
         seed: seed of the first draw.
         perturbation_kwargs: `patch_size`, `prob`, `noise_std` or `blur_radius`.
@@ -190,10 +191,11 @@ def token_perception(
     logits = completion_logits(inputs)
     logps = torch.log_softmax(logits, -1).gather(-1, completion_ids.view(1, -1, 1)).squeeze(-1)
     mask = torch.ones_like(logps)
-    layout = PixelLayout.from_image_processor(processor.image_processor)
     total = torch.zeros_like(logps)
     for draw in range(draws):
-        perturbed_pixels = _perturbed_pixels(inputs, layout, perturbation, seed + draw, perturbation_kwargs)
+        perturbed_pixels = _perturbed_pixels(
+            inputs, images, processor, perturbation, perturbation_space, seed + draw, perturbation_kwargs
+        )
         perturbed_logits = completion_logits({**inputs, "pixel_values": perturbed_pixels})
         if estimator == "k3":
             perturbed_logps = torch.log_softmax(perturbed_logits, -1).gather(-1, completion_ids.view(1, -1, 1))
@@ -212,6 +214,7 @@ def token_perception(
         completion=completion,
         settings={
             "perturbation": perturbation,
+            "perturbation_space": perturbation_space,
             "estimator": estimator,
             "token_filter_ratio": token_filter_ratio,
             "draws": draws,
@@ -224,10 +227,22 @@ def token_perception(
     )
 
 
-def _perturbed_pixels(inputs: dict, layout: PixelLayout, perturbation: str, seed: int, kwargs: dict) -> torch.Tensor:
-    generator = torch.Generator(device=inputs["pixel_values"].device).manual_seed(seed)
+def _perturbed_pixels(
+    inputs: dict, images: Sequence[Image.Image], processor, perturbation: str, space: str, seed: int, kwargs: dict
+) -> torch.Tensor:
+    """The perturbed `pixel_values`, in `space` as the trainer makes them (`VPPOConfig.perturbation_space`)."""
+    pixel_values = inputs["pixel_values"]
+    generator = torch.Generator(device=pixel_values.device).manual_seed(seed)
+    if space == "original_image":
+        perturbed = perturb_original_images(
+            images, processor.image_processor, perturbation, generator, pixel_values.device, **kwargs
+        )
+        return perturbed["pixel_values"].to(pixel_values.dtype)
+    if space != "pixel_values":
+        raise ValueError(f"perturbation_space={space!r} is not supported; choose 'original_image' or 'pixel_values'.")
+    layout = PixelLayout.from_image_processor(processor.image_processor)
     return perturb_pixel_values(
-        inputs["pixel_values"], layout, perturbation, generator, image_grid_thw=inputs.get("image_grid_thw"), **kwargs
+        pixel_values, layout, perturbation, generator, image_grid_thw=inputs.get("image_grid_thw"), **kwargs
     )
 
 
@@ -243,12 +258,14 @@ def pixels_to_pil(layout: PixelLayout, pixel_values: torch.Tensor, image_grid_th
 @torch.no_grad()
 def perturbed_views(
     model, processor, prompt, images: Sequence[Image.Image], perturbation: str = "patch_blackening", seed: int = 0,
-    **perturbation_kwargs,
+    perturbation_space: str = "original_image", **perturbation_kwargs,
 ) -> tuple[list[Image.Image], list[Image.Image]]:  # fmt: skip
     """The images as the model sees them and their perturbed copies (the draw of `seed`, the first one measured)."""
     inputs = _prompt_inputs(model, processor, prompt, images)
     layout = PixelLayout.from_image_processor(processor.image_processor)
-    perturbed = _perturbed_pixels(inputs, layout, perturbation, seed, perturbation_kwargs)
+    perturbed = _perturbed_pixels(
+        inputs, images, processor, perturbation, perturbation_space, seed, perturbation_kwargs
+    )
     grid = inputs.get("image_grid_thw")
     return pixels_to_pil(layout, inputs["pixel_values"], grid), pixels_to_pil(layout, perturbed, grid)
 
@@ -459,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0, help="Sampling and scoring temperature.")
     parser.add_argument("--perturbation", choices=PERTURBATIONS, default="patch_blackening",
                         help="How the image is made uninformative (as VPPOConfig.perturbation).")  # fmt: skip
+    parser.add_argument("--perturbation-space", choices=("original_image", "pixel_values"), default="original_image",
+                        help="Perturb the image as given, before resizing (official), or the processed pixels (as "
+                        "VPPOConfig.perturbation_space).")  # fmt: skip
     parser.add_argument("--patch-size", type=int, default=14, help="Patch side in pixels (patch_blackening).")
     parser.add_argument("--perturbation-prob", type=float, default=0.5,
                         help="Probability that a patch is blackened (patch_blackening).")  # fmt: skip
@@ -530,8 +550,8 @@ def main(argv: list[str] | None = None) -> None:
                 model, processor, dataset, args.output_dir, num_completions=args.num_completions,
                 reward_func=reward_func, title=f"{args.model} on {args.dataset} ({len(dataset)} rows)",
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                perturbation=args.perturbation, estimator=args.estimator, token_filter_ratio=args.token_filter_ratio,
-                draws=args.draws, **perturbation_kwargs,
+                perturbation=args.perturbation, perturbation_space=args.perturbation_space, estimator=args.estimator,
+                token_filter_ratio=args.token_filter_ratio, draws=args.draws, **perturbation_kwargs,
             )  # fmt: skip
         except (ValueError, FileNotFoundError) as error:
             fail(str(error).strip().splitlines()[0])
@@ -547,12 +567,14 @@ def main(argv: list[str] | None = None) -> None:
             model, processor, args.prompt, images, completions, num_completions=args.num_completions,
             answer=args.answer, reward_func=reward_func, advantage_scale_min=args.advantage_scale_min,
             advantage_scale_max=args.advantage_scale_max, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, seed=args.seed, perturbation=args.perturbation, estimator=args.estimator,
+            temperature=args.temperature, seed=args.seed, perturbation=args.perturbation,
+            perturbation_space=args.perturbation_space, estimator=args.estimator,
             token_filter_ratio=args.token_filter_ratio, draws=args.draws, **perturbation_kwargs,
         )  # fmt: skip
         originals, perturbed = perturbed_views(
-            model, processor, args.prompt, images, args.perturbation, args.seed, **perturbation_kwargs
-        )
+            model, processor, args.prompt, images, args.perturbation, args.seed, args.perturbation_space,
+            **perturbation_kwargs,
+        )  # fmt: skip
     except ValueError as error:
         fail(str(error))
     paths = write_spotlight(
