@@ -27,6 +27,12 @@ use_cpu: true
 """
 
 
+# DeepSpeed compiles its CPU op once per folder (about a minute): share one folder between tests and runs.
+TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+    Path.home() / ".cache" / "vppo-trl-torch-extensions"
+)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -42,7 +48,7 @@ def launch(
         "--num_processes", "2", "--main_process_port", str(free_port()),
         str(SCRIPT), str(output), estimator, data, family,
     ]  # fmt: skip
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "vppo-trl-torch-extensions")}
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     return [json.loads((tmp_path / f"run.rank{rank}.json").read_text()) for rank in range(2)]

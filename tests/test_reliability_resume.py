@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_multiprocess import ZERO3_CONFIG, free_port
+from test_multiprocess import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from test_trainer import final_parameters, length_reward, make_trainer, vppo_args
 
 import vppo_trl.trainer as trainer_module
@@ -25,7 +25,7 @@ from vppo_trl.testing import COLOURS, FAMILIES, build_tiny_vlm, make_colour_data
 
 SCRIPT = Path(__file__).parent / "scripts" / "resumable_run.py"
 # One thread per run: bit-for-bit comparisons across processes need the same reduction order.
-RUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "vppo-trl-te")}
+RUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR}
 
 
 def start(output_dir: Path, config: dict, *flags: str, launcher: list[str] | None = None) -> subprocess.Popen:
