@@ -10,6 +10,7 @@ Two places to perturb, both keeping exactly the token layout of the original bat
 Both work in image space (0-255 RGB) on the device, with no round trip through PIL.
 """
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,6 +202,12 @@ def blacken_patch_rows(
     return torch.where(blacken.unsqueeze(-1), black_row, pixel_values)
 
 
+# `return_numpy=True` where transformers has it (returning PIL is deprecated there), nothing in older releases.
+CONVERT_TO_RGB_KWARGS = (
+    {"return_numpy": True} if "return_numpy" in inspect.signature(convert_to_rgb).parameters else {}
+)
+
+
 def image_tensor(image: PIL.Image.Image, image_processor) -> torch.Tensor:
     """A PIL image as the `[C, H, W]` uint8 tensor the image processor itself starts from (same RGB conversion)."""
     if not isinstance(image, PIL.Image.Image):
@@ -209,7 +216,8 @@ def image_tensor(image: PIL.Image.Image, image_processor) -> torch.Tensor:
             "use perturbation_space='pixel_values'."
         )
     if getattr(image_processor, "do_convert_rgb", True):
-        array = convert_to_rgb(image, return_numpy=True)  # alpha composited on white, as the processor does
+        # Alpha composited on white, as the processor does. transformers < 5.18 has no `return_numpy` and returns PIL.
+        array = np.asarray(convert_to_rgb(image, **CONVERT_TO_RGB_KWARGS))
     else:
         array = np.asarray(image)
     tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -255,4 +263,7 @@ def perturb_original_images(
         batch = batch.clamp(0.0, 255.0).to(torch.uint8)
         for i, image in zip(indices, batch, strict=True):
             perturbed[i] = image
-    return dict(image_processor(images=perturbed, return_tensors="pt", device=device))
+    # Channels first, said explicitly: transformers < 5.18 guesses the layout of a small tensor wrong.
+    return dict(
+        image_processor(images=perturbed, return_tensors="pt", device=device, input_data_format="channels_first")
+    )
