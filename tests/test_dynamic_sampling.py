@@ -16,8 +16,8 @@ from trl import GRPOTrainer
 
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.dynamic_sampling import PromptStream
+from vppo_trl.passes import IMAGES_KEY
 from vppo_trl.testing import COLOUR_QUESTION, COLOURS, build_tiny_vlm, make_colour_dataset
-from vppo_trl.trainer import IMAGES_KEY
 
 SCRIPT = Path(__file__).parent / "scripts" / "dynamic_sampling_two_process.py"
 GROUP = 4

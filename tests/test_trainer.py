@@ -10,6 +10,7 @@ from datasets import Dataset
 from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
+import vppo_trl.passes as passes_module
 import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.batch_rows import model_inputs
@@ -266,7 +267,7 @@ def test_perturbation_space(tmp_path, space):
     batch = generation_batch(trainer, dataset, prompts=2)
     seed = hash((trainer.args.seed, trainer._perturbation_round, 0)) % (2**63)
     if space == "original_image":
-        images = [image for row in batch[trainer_module.IMAGES_KEY] for image in row]
+        images = [image for row in batch[passes_module.IMAGES_KEY] for image in row]
         assert len(images) == sum(batch["num_images"]) == 8
         # The carried images are the batch's images: processing them again gives its pixel_values.
         reprocessed = trainer.processing_class.image_processor(images=images, return_tensors="pt")
@@ -275,7 +276,7 @@ def test_perturbation_space(tmp_path, space):
             images, trainer.processing_class.image_processor, "patch_blackening", torch.Generator().manual_seed(seed)
         )["pixel_values"]
     else:
-        assert trainer_module.IMAGES_KEY not in batch
+        assert passes_module.IMAGES_KEY not in batch
         expected = perturb_pixel_values(
             batch["pixel_values"], trainer.pixel_layout, "patch_blackening", torch.Generator().manual_seed(seed),
             image_grid_thw=batch["image_grid_thw"], patch_size=14,
@@ -442,7 +443,7 @@ def test_kl_estimator_trains_and_is_chunk_invariant(tmp_path, monkeypatch):
     with torch.no_grad():
         whole = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
         vocabulary = trainer.model.get_output_embeddings().weight.size(0)
-        monkeypatch.setattr(trainer_module, "KL_LOGITS_PER_CHUNK", 2 * vocabulary * 8)  # 2 positions at a time
+        monkeypatch.setattr(passes_module, "KL_LOGITS_PER_CHUNK", 2 * vocabulary * 8)  # 2 positions at a time
         chunked = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
     torch.testing.assert_close(chunked, whole)
     assert (whole >= 0).all() and (whole[mask == 0] == 0).all() and (whole > 0).any()
