@@ -220,7 +220,8 @@ def image_tensor(image: PIL.Image.Image, image_processor) -> torch.Tensor:
         array = np.asarray(convert_to_rgb(image, **CONVERT_TO_RGB_KWARGS))
     else:
         array = np.asarray(image)
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    # A copy only where needed: PIL's arrays can be read-only, which torch warns about.
+    tensor = torch.from_numpy(np.require(array, requirements=("C", "W")))
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
