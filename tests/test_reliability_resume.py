@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from safetensors.torch import load_file
 from test_multiprocess import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from test_trainer import final_parameters, length_reward, make_trainer, vppo_args
@@ -99,6 +101,11 @@ def test_two_process_sigkill_then_resume_is_exact(tmp_path, backend):
         accelerate_config.write_text(ZERO3_CONFIG)
         launcher += ["--config_file", str(accelerate_config)]
     else:
+        if Version(transformers.__version__) < Version("5.18"):
+            pytest.skip(
+                "transformers < 5.18 loads the optimizer of a multi-process CPU run with map_location='cpu:0', which "
+                "torch cannot restore (fixed upstream since); GPU runs are not concerned"
+            )
         launcher += ["--multi_gpu"]
     interrupted_and_resumed(tmp_path, {"max_steps": 4}, 2, launcher=launcher)
 
