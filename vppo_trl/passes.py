@@ -143,30 +143,25 @@ class VisualDependencyPassesMixin:
             return model_inputs(batch)  # nothing skipped: no copies
         return model_inputs(select_rows(batch, list(rows)))
 
-    def _sampled_token_logps(self, inputs: dict, logits_to_keep: int) -> torch.Tensor:
-        logps, _, _ = self._get_per_token_logps_and_entropies(
+    def _score_tokens(self, inputs: dict, logits_to_keep: int, compute_entropy: bool = False):
+        """Log-probs (and entropies) of the completion tokens of `inputs`, chunked like TRL's own scoring."""
+        logps, entropies, _ = self._get_per_token_logps_and_entropies(
             self.model,
             inputs["input_ids"],
             inputs["attention_mask"],
             logits_to_keep,
             batch_size=self.args.per_device_train_batch_size,
+            compute_entropy=compute_entropy,
             **{key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")},
         )
-        return logps
+        return logps, entropies
+
+    def _sampled_token_logps(self, inputs: dict, logits_to_keep: int) -> torch.Tensor:
+        return self._score_tokens(inputs, logits_to_keep)[0]
 
     def _original_token_entropies(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
         """The policy's per-token entropies on the original images (the `entropy` token filter criterion)."""
-        inputs = self._select_rows(batch, rows)
-        _, entropies, _ = self._get_per_token_logps_and_entropies(
-            self.model,
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            logits_to_keep,
-            batch_size=self.args.per_device_train_batch_size,
-            compute_entropy=True,
-            **{key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")},
-        )
-        return entropies
+        return self._score_tokens(self._select_rows(batch, rows), logits_to_keep, compute_entropy=True)[1]
 
     def _perturbed_token_logps(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
         return self._sampled_token_logps(self._select_rows(perturbed, rows), logits_to_keep)
