@@ -69,9 +69,9 @@ class GpuCheckArguments:
 class PartPlan:
     """A part's size and its expected time: `setup_s` (processes, models, checkpoints) plus `steps` x `step_s`.
 
-    The real preset's times are estimates for one H100/H200 from the figures in ../shared/gpu/README.md (a 7B
-    step of 8 x 256 tokens took 11-13 s there; these parts generate 8 x 128 or fewer); the tiny preset's were
-    measured on a loaded 2-core CPU.
+    The real preset's times are estimates for one H100/H200 from the step-overhead benchmark's H100 figures (a 7B
+    step of 8 x 256 tokens took 11-13 s; these parts generate 8 x 128 or fewer); the tiny preset's were measured
+    on a loaded 2-core CPU.
     """
 
     steps: int
