@@ -58,8 +58,9 @@ DETAILS = {"overhead": _overhead, "lora": _lora, "qwen3": _qwen3, "zero3": _zero
 
 def print_table(results: dict[str, Any]) -> None:
     run = results["run"]
-    print(f"\n{run['device']} | {run['versions']['torch']}, transformers {run['versions']['transformers']} | "
-          f"{run.get('wall_s', 0):.0f} s of {run['budget_s']:.0f} s | load {run['load_average_start']}")  # fmt: skip
+    load = "/".join(f"{x:.1f}" for x in run["load_average_start"])
+    print(f"\n{run['device']} | torch {run['versions']['torch']}, transformers {run['versions']['transformers']} | "
+          f"{run.get('wall_s', 0):.0f} s of {run['budget_s']:.0f} s | load average at start {load}")  # fmt: skip
     for name in DETAILS:
         section = results.get(name)
         if section is None:
