@@ -49,58 +49,105 @@ QWEN25_VL_7B_VISION = {
 QWEN25_VL_7B_VOCAB = 152064
 
 
-def qwen25_vl_7b_arch_config(tokenizer, text_layers: int = 28, vision_layers: int = 32, vocab_size: int | None = None):
-    """Qwen2.5-VL-7B-Instruct's config, with the local tokenizer's special-token ids.
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The local tokenizer's ids for a Qwen-VL config: image/video pad, vision start/end, bos/eos/pad."""
+    vocab = tokenizer.get_vocab()
+    return {
+        "image_token_id": vocab["<|image_pad|>"],
+        "video_token_id": vocab["<|video_pad|>"],
+        "vision_start_token_id": vocab["<|vision_start|>"],
+        "vision_end_token_id": vocab["<|vision_end|>"],
+        "endoftext": vocab["<|endoftext|>"],
+        "im_end": vocab["<|im_end|>"],
+    }
 
-    The tokenizer has ~1.5k tokens; the vocabulary is padded to 152064 like the real checkpoint, so that the
-    embedding and the LM head cost what they cost there. Fewer layers (smoke tests only) keep the real spacing of
-    the full-attention vision blocks.
+
+def qwen25_vl_arch_config(
+    tokenizer,
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    vocab_size: int,
+    tie_word_embeddings: bool,
+    text_layers: int | None = None,
+    vision_layers: int | None = None,
+):
+    """A Qwen2.5-VL config from a checkpoint's `text` and `vision` values, with the local tokenizer's special-token
+    ids and the vocabulary padded to `vocab_size` (so that the embedding and the LM head cost what they cost there).
+
+    Fewer layers (smoke tests, short checks) keep the real spacing of the full-attention vision blocks.
     """
     from transformers import Qwen2_5_VLConfig
 
-    vocab = tokenizer.get_vocab()
-    endoftext, im_end = vocab["<|endoftext|>"], vocab["<|im_end|>"]
-    text = dict(QWEN25_VL_7B_TEXT)
+    ids = special_token_ids(tokenizer)
+    text_layers = text_layers or text["num_hidden_layers"]
+    vision_layers = vision_layers or vision["depth"]
+    text = dict(text)
     text.update(
-        vocab_size=max(vocab_size or QWEN25_VL_7B_VOCAB, len(tokenizer)),
+        vocab_size=max(vocab_size, len(tokenizer)),
         num_hidden_layers=text_layers,
-        max_window_layers=text_layers,
-        bos_token_id=endoftext,
-        eos_token_id=im_end,
-        pad_token_id=endoftext,
+        max_window_layers=min(text["max_window_layers"], text_layers),
+        bos_token_id=ids["endoftext"],
+        eos_token_id=ids["im_end"],
+        pad_token_id=ids["endoftext"],
     )
-    vision = dict(QWEN25_VL_7B_VISION)
-    full = [i for i in QWEN25_VL_7B_VISION["fullatt_block_indexes"] if i < vision_layers] or [vision_layers - 1]
+    vision = dict(vision)
+    full = [i for i in vision["fullatt_block_indexes"] if i < vision_layers] or [vision_layers - 1]
     vision.update(depth=vision_layers, fullatt_block_indexes=full)
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=vocab["<|image_pad|>"],
-        video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
-        tie_word_embeddings=False,
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
-def build_qwen25_vl_7b_arch(tokenizer, settings: Settings):
-    """The 7B architecture with random weights, initialised directly on the device in `settings.dtype` (a CPU
-    fp32 copy of 8.3B parameters would take 33 GB and minutes)."""
+def qwen25_vl_7b_arch_config(tokenizer, text_layers: int = 28, vision_layers: int = 32, vocab_size: int | None = None):
+    """Qwen2.5-VL-7B-Instruct's config, with the local tokenizer's special-token ids.
+
+    The tokenizer has ~1.5k tokens; the vocabulary is padded to 152064 like the real checkpoint.
+    """
+    return qwen25_vl_arch_config(
+        tokenizer,
+        QWEN25_VL_7B_TEXT,
+        QWEN25_VL_7B_VISION,
+        vocab_size or QWEN25_VL_7B_VOCAB,
+        tie_word_embeddings=False,
+        text_layers=text_layers,
+        vision_layers=vision_layers,
+    )
+
+
+def build_random_model(model_cls, config, device: str, dtype: str, seed: int, attn_implementation: str | None = None):
+    """`model_cls` with random weights, initialised directly on `device` in `dtype` (a CPU fp32 copy of a 7B model
+    would take 33 GB and minutes), with generation stopping at the config's end tokens."""
     import torch
+
+    torch.manual_seed(seed)
+    if device == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device(device):
+        model = model_cls._from_config(config, dtype=getattr(torch, dtype), **extra)
+    model.eval()
+    text = config.text_config
+    generation = model.generation_config
+    generation.bos_token_id = text.bos_token_id
+    generation.eos_token_id = [text.eos_token_id, text.bos_token_id]
+    generation.pad_token_id = text.pad_token_id
+    return model
+
+
+def build_qwen25_vl_7b_arch(tokenizer, settings: Settings):
+    """The 7B architecture with random weights, initialised on the device in `settings.dtype`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     config = qwen25_vl_7b_arch_config(tokenizer, settings.text_layers, settings.vision_layers, settings.vocab_size)
-    torch.manual_seed(settings.seed)
-    if settings.device == "cuda":
-        torch.cuda.manual_seed_all(settings.seed)
-    with torch.device(settings.device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=getattr(torch, settings.dtype))
-    model.eval()
-    generation = model.generation_config
-    generation.bos_token_id = config.text_config.bos_token_id
-    generation.eos_token_id = [config.text_config.eos_token_id, config.text_config.bos_token_id]
-    generation.pad_token_id = config.text_config.pad_token_id
-    return model
+    return build_random_model(
+        Qwen2_5_VLForConditionalGeneration, config, settings.device, settings.dtype, settings.seed
+    )
 
 
 def build_policy(settings: Settings):
