@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"cannot read image {path!r}: {error}")
     reward_func = None
     if args.answer is not None or args.dataset is not None:
-        from .train import resolve_reward_functions
+        from .rewards import resolve_reward_functions
 
         try:
             (reward_func,) = resolve_reward_functions([args.reward])

@@ -400,22 +400,15 @@ def results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_results(results: dict, path: Path) -> None:
     """Bar chart of avg@k per benchmark and the mean over benchmarks."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # a Figure of its own: the user's backend is left as it is
+
     k = results["k"]
     titles = [b["title"] for b in results["benchmarks"].values()] + ["Mean"]
     values = [100 * b[f"avg@{k}"] for b in results["benchmarks"].values()] + [100 * results["mean"][f"avg@{k}"]]
-    figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(titles) + 1.5), 3.2))
+    figure = Figure(figsize=(max(4.0, 0.9 * len(titles) + 1.5), 3.2))
+    axis = figure.subplots()
     bars = axis.bar(titles, values, color=["tab:blue"] * (len(titles) - 1) + ["tab:orange"])
     axis.bar_label(bars, fmt="%.1f", fontsize=8)
     axis.set_ylabel(f"avg@{k} (%)")
@@ -424,7 +417,6 @@ def plot_results(results: dict, path: Path) -> None:
     axis.tick_params(axis="x", labelrotation=30)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def compare(
@@ -518,10 +510,12 @@ def compare_table(report: dict) -> str:
 
 def plot_comparison(report: dict, path: Path) -> None:
     """Differences with their intervals, one panel per compared run; an interval clear of 0 is significant."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # a Figure of its own: the user's backend is left as it is
+
     count = len(report["comparisons"])
     rows = len(report["comparisons"][0]["rows"])
-    figure, axes = plt.subplots(1, count, figsize=(4.8 * count, 0.45 * rows + 1.4), squeeze=False)
+    figure = Figure(figsize=(4.8 * count, 0.45 * rows + 1.4))
+    axes = figure.subplots(1, count, squeeze=False)
     for axis, comparison in zip(axes[0], report["comparisons"], strict=True):
         titles = [row["title"] for row in comparison["rows"]][::-1]
         values = [100 * row["difference"] for row in comparison["rows"]][::-1]
@@ -539,4 +533,3 @@ def plot_comparison(report: dict, path: Path) -> None:
         axis.set_title(f"{comparison['candidate']} - {comparison['baseline']}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
