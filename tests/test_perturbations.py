@@ -206,3 +206,27 @@ def test_original_image_route_converts_like_the_processor():
         assert torch.equal(unchanged["pixel_values"], expected)
     with pytest.raises(TypeError, match="perturbation_space='pixel_values'"):
         perturb_original_images([np.zeros((4, 4, 3))], processor, "solid", None, "cpu")
+
+
+@pytest.mark.parametrize("kind", ["patch_blackening", "gaussian_noise"])
+@pytest.mark.parametrize("patch_size", [None, 7], ids=["patch-rows", "image-space"])
+def test_one_generator_per_image_makes_each_draw_independent_of_the_others(processed, kind, patch_size):
+    """With a generator per image, an image perturbed in a batch is perturbed exactly as it is alone."""
+    processor, images, pixel_values, grid = processed
+    layout = PixelLayout.from_image_processor(processor)
+    kwargs = {} if patch_size is None else {"patch_size": patch_size}
+    rows = grid.prod(-1).tolist()
+    together = perturb_pixel_values(
+        pixel_values, layout, kind, [torch.Generator().manual_seed(seed) for seed in (5, 6, 7)], grid, **kwargs
+    )
+    for index, (start, count) in enumerate(zip([0, rows[0], rows[0] + rows[1]], rows, strict=True)):
+        alone = perturb_pixel_values(
+            pixel_values[start : start + count], layout, kind, [torch.Generator().manual_seed(5 + index)],
+            grid[index : index + 1], **kwargs,
+        )  # fmt: skip
+        torch.testing.assert_close(together[start : start + count], alone, rtol=0, atol=0)
+    batched = perturb_original_images(images, processor, kind, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    last = perturb_original_images(images[2:], processor, kind, [torch.Generator().manual_seed(7)])
+    torch.testing.assert_close(batched["pixel_values"][rows[0] + rows[1] :], last["pixel_values"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Got 2 generators for 3 images"):
+        perturb_images(torch.zeros(3, 3, 8, 8), kind, [torch.Generator(), torch.Generator()])

@@ -5,16 +5,17 @@ import random
 import shutil
 import subprocess
 import tempfile
+from dataclasses import asdict
 
 import pytest
 import torch
 from PIL import Image
-from trl import GRPOTrainer
 
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.spotlight import (
     TokenPerception,
     display_tokens,
+    measurement_settings,
     perturbed_views,
     sample_perceptions,
     token_perception,
@@ -37,33 +38,58 @@ def length_reward(completions, **kwargs) -> list[float]:
     return [float(len(str(completion)) % 3) for completion in completions]
 
 
-@pytest.mark.parametrize("estimator", ["k3", "kl"])
-def test_matches_the_trainer_on_a_generated_row(tmp_path, estimator):
+@pytest.mark.parametrize(
+    ("estimator", "space"), [("k3", "original_image"), ("kl", "original_image"), ("k3", "pixel_values")]
+)
+def test_measures_what_the_trainer_measures_for_one_batch_and_round(tmp_path, estimator, space):
+    """Random patches: each completion's draw is the one the trainer makes for it, through the same functions."""
     model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
     dataset = make_colour_dataset(4, seed=3)
     args = VPPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-        report_to="none", use_cpu=True, bf16=False, perturbation="solid", dependency_estimator=estimator,
+        report_to="none", use_cpu=True, bf16=False, dependency_estimator=estimator, perturbation_space=space,
+        perturbation_prob=0.3, seed=5,
     )  # fmt: skip
     trainer = VPPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=dataset,
                           processing_class=processor)  # fmt: skip
     trainer.model.train()
-    batch = GRPOTrainer._generate_and_score_completions(trainer, [dict(dataset[0])] * 4)
+    batch = trainer._generate_and_score_round([dict(dataset[0])] * 4)
     mask = batch["completion_mask"]
-    perturbed = {**batch, "pixel_values": trainer._perturbed_pixel_values(batch)}
-    measure = trainer._k3_dependency if estimator == "k3" else trainer._kl_dependency
-    expected = measure(batch, perturbed, [0, 1, 2, 3], mask, mask.size(1))
+    trainer._perturbation_round = 1  # the trainer's first generation batch
+    expected, _ = trainer._visual_dependency(batch, [0, 1, 2, 3], mask)
+    settings = measurement_settings(args)
     for row in range(4):
         ids = batch["completion_ids"][row][mask[row].bool()].tolist()
         result = token_perception(
-            trainer.model, processor, dataset[0]["prompt"], dataset[0]["images"], completion=ids,
-            perturbation="solid", estimator=estimator,
+            trainer.model, processor, dataset[0]["prompt"], dataset[0]["images"], completion=ids, settings=settings,
+            seed=args.seed, completion_index=row,
         )  # fmt: skip
-        # One row alone vs four padded together: float32 rounding differs. KL between two close distributions cancels
-        # to an absolute error of about eps * |log p| (~1e-6 here, transformers 5.24), k3 stays within 1e-7.
+        # One row alone vs four padded together, TRL's fused LM head vs the logits: float32 rounding differs. KL
+        # between two close distributions cancels to an absolute error of about eps * |log p| (~1e-6 here).
         atol = 1e-7 if estimator == "k3" else 1e-6
         torch.testing.assert_close(torch.tensor(result.dependency), expected[row][: len(ids)], atol=atol, rtol=1e-3)
         assert sum(result.kept) == -(-len(ids) * 2 // 5)
+    # Another completion index is another draw: the dependencies differ.
+    other = token_perception(
+        trainer.model, processor, dataset[0]["prompt"], dataset[0]["images"], completion=ids, settings=settings,
+        seed=args.seed, completion_index=7,
+    )  # fmt: skip
+    assert other.dependency != result.dependency
+
+
+def test_command_line_defaults_are_vppo_configs():
+    from dataclasses import fields
+
+    from vppo_trl.spotlight import build_parser
+
+    _, settings = build_parser().parse_args_into_dataclasses(["--model", "m"])
+    config = VPPOConfig(output_dir="unused", use_cpu=True, bf16=False)
+    assert {f.name: getattr(settings, f.name) for f in fields(settings)} == asdict(measurement_settings(config))
+    _, short = build_parser().parse_args_into_dataclasses(
+        ["--model", "m", "--patch-size", "7", "--noise-std", "3", "--blur-radius", "2", "--estimator", "kl"]
+    )
+    assert (short.perturbation_patch_size, short.perturbation_noise_std, short.perturbation_blur_radius) == (7, 3, 2)
+    assert short.dependency_estimator == "kl"
 
 
 def test_samples_several_completions_with_rewards_and_scales(tmp_path):
@@ -71,7 +97,7 @@ def test_samples_several_completions_with_rewards_and_scales(tmp_path):
     image = make_shape_image("blue", random.Random(1))
     perceptions = sample_perceptions(
         model, processor, COLOUR_QUESTION, [image], num_completions=4, answer="blue", reward_func=colour_reward,
-        max_new_tokens=5, draws=2, prob=0.5,
+        max_new_tokens=5, draws=2, perturbation_prob=0.5,
     )  # fmt: skip
     assert len(perceptions) == 4
     rewards = colour_reward([item.completion for item in perceptions], ["blue"] * 4)
@@ -247,7 +273,7 @@ def test_every_option_has_help_text():
 def test_perturbed_views_are_the_processed_images():
     model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
     image = make_shape_image("green", random.Random(4))
-    originals, perturbed = perturbed_views(model, processor, COLOUR_QUESTION, [image], "solid")
+    originals, perturbed = perturbed_views(model, processor, COLOUR_QUESTION, [image], perturbation="solid")
     assert originals[0].size == perturbed[0].size == image.size
     assert max(abs(a - b) for a, b in zip(originals[0].tobytes(), image.tobytes(), strict=True)) <= 1
     assert set(perturbed[0].getdata()) == {(128, 128, 128)}
@@ -263,7 +289,7 @@ def test_perturbs_in_the_trainers_space_by_default():
     def patch_blackness(space: str | None) -> np.ndarray:
         kwargs = {} if space is None else {"perturbation_space": space}
         _, perturbed = perturbed_views(
-            model, processor, "What colour?", [image], "patch_blackening", 0, prob=0.5, **kwargs
+            model, processor, "What colour?", [image], perturbation="patch_blackening", perturbation_prob=0.5, **kwargs
         )
         black = np.asarray(perturbed[0]).sum(-1) < 30
         rows, columns = black.shape[0] // 14, black.shape[1] // 14

@@ -9,9 +9,15 @@ import textwrap
 
 import pytest
 import torch
+from trl.trainer.utils import shuffle_sequence_dict, split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
 from vppo_trl import VPPOConfig, VPPOTrainer
+from vppo_trl.batch_rows import select_rows
+from vppo_trl.passes import COMPLETION_INDEX_KEY
+from vppo_trl.spotlight import pixels_to_pil
+from vppo_trl.spotlight_callback import SpotlightCallback, first_measured_group
 from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
+from vppo_trl.trainer import DEFERRED_KEY
 
 
 def length_reward(completions, **kwargs) -> list[float]:
@@ -99,3 +105,48 @@ def test_logs_to_trackio_offline(tmp_path):
     assert 0.0 <= entry["spotlight/tokens_above_0.001"] <= 1.0
     for key in ("spotlight/perception", "spotlight/distributions", "spotlight/page"):
         assert (tmp_path / "trackio" / "media" / entry[key]["file_path"]).stat().st_size > 0
+
+
+def test_first_measured_group_follows_generation_order_not_batch_order():
+    # Generation positions of 12 rows after a shuffle; groups of 4 start at 0 on this process (offset 0).
+    index = torch.tensor([9, 2, 5, 0, 11, 3, 7, 1, 4, 8, 10, 6])
+    measured = torch.ones(12, dtype=torch.bool)
+    assert first_measured_group(index, measured, offset=0, group_size=4) == [3, 7, 1, 5]  # positions 0, 1, 2, 3
+    measured[[3, 7, 1, 5]] = False  # the first group skipped (zero advantages): the next one, whole
+    assert first_measured_group(index, measured, offset=0, group_size=4) == [8, 2, 11, 6]
+    # A process whose generation batch starts at global position 6: its first two rows end a group begun elsewhere.
+    assert first_measured_group(index, measured, offset=6, group_size=4) == [8, 2]
+    assert first_measured_group(index, torch.zeros(12, dtype=torch.bool), offset=0, group_size=4) == []
+
+
+def test_page_shows_one_whole_group_after_trls_shuffle(tmp_path):
+    """The deferred route captures in the loss, after GRPOTrainer._prepare_inputs shuffled the batch."""
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=0)
+    dataset = make_colour_dataset(3, seed=3)
+    args = VPPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=12, num_generations=4, max_completion_length=6,
+        report_to="none", use_cpu=True, bf16=False, save_strategy="no", spotlight_steps=1, skip_zero_advantage=False,
+    )  # fmt: skip
+    trainer = VPPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=dataset,
+                          processing_class=processor)  # fmt: skip
+    callback = next(item for item in trainer.callback_handler.callbacks if isinstance(item, SpotlightCallback))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._generate_and_score_completions([dict(dataset[i]) for i in range(3) for _ in range(4)])
+    assert DEFERRED_KEY in batch  # TGF and TAS wait for the loss's forward
+    torch.manual_seed(1)
+    shuffled = unsplit_pixel_values_by_grid(shuffle_sequence_dict(split_pixel_values_by_grid(batch)))  # as TRL does
+    positions = shuffled[COMPLETION_INDEX_KEY].tolist()
+    assert sorted(positions.index(row) for row in range(4)) != list(range(4))  # the first group is scattered
+    trainer.spotlight_capture = callback.capture
+    with torch.no_grad():
+        trainer._compute_loss(trainer.model, shuffled)
+
+    snapshot = callback.snapshot
+    mask = batch["completion_mask"].bool()
+    first_group = [batch["completion_ids"][row][mask[row]].tolist() for row in range(4)]
+    assert [item.token_ids for item in snapshot.perceptions] == first_group
+    first_images = pixels_to_pil(trainer.pixel_layout, select_rows(batch, [0])["pixel_values"],
+                                 select_rows(batch, [0])["image_grid_thw"])  # fmt: skip
+    assert [image.tobytes() for image in snapshot.images] == [image.tobytes() for image in first_images]
+    assert "×" in snapshot.prompt and len(snapshot.trajectory_dependencies) == 12

@@ -265,7 +265,9 @@ def test_perturbation_space(tmp_path, space):
     dataset = make_colour_dataset(8, seed=2)
     trainer = make_trainer(tmp_path, dataset=dataset, perturbation_space=space, max_steps=1)
     batch = generation_batch(trainer, dataset, prompts=2)
-    seed = hash((trainer.args.seed, trainer._perturbation_round, 0)) % (2**63)
+    # One draw per image, seeded by the trainer seed, the round, the process, the completion and the image's rank.
+    seeds = passes_module.perturbation_seeds(trainer.args.seed, trainer._perturbation_round, 0, range(8), [1] * 8)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     if space == "original_image":
         images = [image for row in batch[passes_module.IMAGES_KEY] for image in row]
         assert len(images) == sum(batch["num_images"]) == 8
@@ -273,12 +275,12 @@ def test_perturbation_space(tmp_path, space):
         reprocessed = trainer.processing_class.image_processor(images=images, return_tensors="pt")
         torch.testing.assert_close(reprocessed["pixel_values"], batch["pixel_values"])
         expected = perturb_original_images(
-            images, trainer.processing_class.image_processor, "patch_blackening", torch.Generator().manual_seed(seed)
+            images, trainer.processing_class.image_processor, "patch_blackening", generators
         )["pixel_values"]
     else:
         assert passes_module.IMAGES_KEY not in batch
         expected = perturb_pixel_values(
-            batch["pixel_values"], trainer.pixel_layout, "patch_blackening", torch.Generator().manual_seed(seed),
+            batch["pixel_values"], trainer.pixel_layout, "patch_blackening", generators,
             image_grid_thw=batch["image_grid_thw"], patch_size=14,
         )  # fmt: skip
     perturbed = trainer._perturbed_pixel_values(batch)
@@ -441,10 +443,10 @@ def test_kl_estimator_trains_and_is_chunk_invariant(tmp_path, monkeypatch):
     rows = list(range(mask.size(0)))
     perturbed = {**batch, "pixel_values": trainer._perturbed_pixel_values(batch)}
     with torch.no_grad():
-        whole = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
+        whole, _ = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
         vocabulary = trainer.model.get_output_embeddings().weight.size(0)
         monkeypatch.setattr(passes_module, "KL_LOGITS_PER_CHUNK", 2 * vocabulary * 8)  # 2 positions at a time
-        chunked = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
+        chunked, _ = trainer._kl_dependency(batch, perturbed, rows, mask, mask.size(1))
     torch.testing.assert_close(chunked, whole)
     assert (whole >= 0).all() and (whole[mask == 0] == 0).all() and (whole > 0).any()
     trainer.train()

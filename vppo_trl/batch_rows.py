@@ -23,6 +23,7 @@ COMPLETION_KEYS = {
     "sampling_per_token_logps": 0.0,
     "importance_sampling_ratio": 1.0,
     "tool_mask": 1,
+    "vppo_original_entropies": 0.0,  # passes.ENTROPIES_KEY
 }
 # Token type ids span prompt and completion, both padded with 0.
 PROMPT_COMPLETION_KEYS = ("token_type_ids", "mm_token_type_ids")

@@ -1,9 +1,13 @@
 """VPPO's measurement: the batch scored again on perturbed images, and each token's visual dependency.
 
-[`VisualDependencyPassesMixin`] holds the forward passes of [`VPPOTrainer`]: the perturbation of a generation
-batch's images (on the images as loaded, or on the processed pixels), the original- and perturbed-image passes of
-the `k3` and `kl` estimators, in eval mode and without gradient, on the completions that need measuring, with the same
-number of passes on every process where parameters are sharded.
+[`VisualDependencyPassesMixin`] holds the forward passes of [`VPPOTrainer`]: the perturbation of the images of the
+completions that need measuring (on the images as loaded, or on the processed pixels), the original- and
+perturbed-image passes of the `k3` and `kl` estimators, in eval mode and without gradient, with the same number of
+passes on every process where parameters are sharded.
+
+The module-level functions are the measurement itself, shared with `vppo_trl.spotlight`: [`perturbation_seeds`]
+(each image's draw, from the seed, the round, the process and the completion's index, whatever else is measured),
+[`perturb_batch_images`], [`completion_hidden_states`] and [`kl_chunk_dependency`].
 """
 
 import contextlib
@@ -19,12 +23,17 @@ from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
 from .batch_rows import model_inputs, select_rows
 from .core import kl_token_dependency, token_dependency
-from .perturbations import perturb_original_images, perturb_pixel_values
+from .perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
 
 logger = logging.get_logger(__name__)
 
 # Batch key of each completion's images as the data delivered them (perturbation_space="original_image").
 IMAGES_KEY = "vppo_images"
+# Batch key of each completion's position in its generation batch when it was measured: its perturbation draw and its
+# prompt group (TRL's sampler puts a group's completions next to each other) follow it through TRL's shuffle.
+COMPLETION_INDEX_KEY = "vppo_completion_index"
+# Batch key of the original-image entropies of TRL's old-log-prob pass, kept for the `entropy` token filter criterion.
+ENTROPIES_KEY = "vppo_original_entropies"
 # Image layouts the perturbation cannot rebuild (tiled or position-indexed pixels).
 UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
 # Logits (rows x positions x vocabulary) per chunk when the `kl` estimator projects hidden states onto the
@@ -36,11 +45,22 @@ class VisualDependencyPassesMixin:
     """The perturbed (and, where needed, original-image) forward passes of VPPO, for GRPOTrainer subclasses."""
 
     def __init__(self, *args, **kwargs):
+        self._old_logps_entropies: list[torch.Tensor] | None = None  # armed while a round is generated, see below
         super().__init__(*args, **kwargs)
         self._warned_image_mismatch = False
 
     def _generate_and_score_round(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
-        output = super()._generate_and_score_round(inputs)
+        # The `entropy` criterion reads the original-image entropies of TRL's old-log-prob pass when it runs (the
+        # first forward of a round), so that reusing its log-probs costs no extra pass.
+        args = self.args
+        wants_entropies = args.token_filter_criterion == "entropy" and args.token_filter_ratio < 1.0
+        self._old_logps_entropies = [] if wants_entropies and self.model.training else None
+        try:
+            output = super()._generate_and_score_round(inputs)
+        finally:
+            captured, self._old_logps_entropies = self._old_logps_entropies, None
+        if captured and output.get("old_per_token_logps") is not None:
+            output[ENTROPIES_KEY] = captured[0]
         if self.args.perturbation_space == "original_image" and output.get("num_images") is not None:
             images = completion_images(inputs)
             if [len(row) for row in images] == list(output["num_images"]):
@@ -54,10 +74,28 @@ class VisualDependencyPassesMixin:
                 self._warned_image_mismatch = True
         return output
 
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        if self._old_logps_entropies is None or self._old_logps_entropies:  # not armed, or already captured
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        compute_entropy = kwargs.pop("compute_entropy", False)
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, compute_entropy=True, **kwargs)
+        self._old_logps_entropies.append(entropies)
+        return logps, entropies if compute_entropy else None, aux_loss
+
     def _visual_dependency(
-        self, batch: dict[str, Any], rows: list[int], mask: torch.Tensor, measure: Callable | None = None
-    ) -> torch.Tensor:
-        """`[B, T]` token dependencies (or what `measure` gives for the perturbed batch) for `rows`, 0 elsewhere."""
+        self,
+        batch: dict[str, Any],
+        rows: list[int],
+        mask: torch.Tensor,
+        measure: Callable | None = None,
+        compute_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        `[B, T]` token dependencies (or what `measure` gives for the perturbed batch) for `rows`, 0 elsewhere, and,
+        with `compute_entropy`, the original-image entropies of those rows (`None` otherwise).
+
+        Only the images of `rows` are perturbed, each completion's with its own draw (see [`perturbation_seeds`]).
+        """
         unsupported = [key for key in UNSUPPORTED_PIXEL_KEYS if key in batch]
         if unsupported:
             raise ValueError(
@@ -72,12 +110,14 @@ class VisualDependencyPassesMixin:
             filler = rows[:1] or self._rows_with_images(batch)[:1] or [0]
             measured_rows = rows + filler * (target - len(rows))
             if not measured_rows:
-                return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+                return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device), None
 
-        dependency = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        # The whole batch is perturbed, so each completion's draw does not depend on which rows are measured.
+        if COMPLETION_INDEX_KEY not in batch:
+            batch[COMPLETION_INDEX_KEY] = torch.arange(mask.size(0), device=mask.device)
+        everything = measured_rows == list(range(mask.size(0)))
+        chosen = batch if everything else select_rows(batch, measured_rows)
         perturbed = (
-            {**batch, "pixel_values": self._perturbed_pixel_values(batch)} if "pixel_values" in batch else batch
+            {**chosen, "pixel_values": self._perturbed_pixel_values(chosen)} if "pixel_values" in chosen else chosen
         )
         logits_to_keep = mask.size(1)
         if measure is None:
@@ -88,53 +128,38 @@ class VisualDependencyPassesMixin:
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             eval_mode(self.model),
         ):
-            measured = measure(batch, perturbed, measured_rows, mask, logits_to_keep)
+            positions = list(range(len(measured_rows)))
+            measured, measured_entropies = measure(
+                chosen, perturbed, positions, mask[measured_rows], logits_to_keep, compute_entropy=compute_entropy
+            )
+        batch.pop(ENTROPIES_KEY, None)
+        dependency = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        entropies = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device) if compute_entropy else None
         if rows:
-            dependency[rows] = measured[: len(rows)]
-        return dependency
+            dependency[rows] = measured[: len(rows)].float()
+            if compute_entropy:
+                entropies[rows] = measured_entropies[: len(rows)].float()
+        return dependency, entropies
 
     def _rows_with_images(self, batch: dict[str, Any]) -> list[int]:
         return [i for i, n in enumerate(batch.get("num_images") or []) if n]
 
     def _perturbed_pixel_values(self, batch: dict[str, Any]) -> torch.Tensor:
         """
-        Every image of the generation batch perturbed, with a draw seeded by trainer seed, round and process.
+        Every image of `batch` (a generation batch, or some of its rows) perturbed, each completion's with the draw of
+        this round, this process and its index in the generation batch (`COMPLETION_INDEX_KEY`, else its row).
 
         On the images as the data delivered them when the batch carries them (`perturbation_space="original_image"`),
         otherwise on the processed `pixel_values`. Either way the result has the batch's layout, shape and dtype.
         """
-        pixel_values = batch["pixel_values"]
-        seed = hash((self.args.seed, self._perturbation_round, self.accelerator.process_index)) % (2**63)
-        generator = torch.Generator(device=pixel_values.device).manual_seed(seed)
-        args = self.args
-        kwargs = {
-            "patch_size": args.perturbation_patch_size,
-            "prob": args.perturbation_prob,
-            "noise_std": args.perturbation_noise_std,
-            "blur_radius": args.perturbation_blur_radius,
-        }
-        if IMAGES_KEY not in batch:
-            return perturb_pixel_values(
-                pixel_values,
-                self.pixel_layout,
-                args.perturbation,
-                generator,
-                image_grid_thw=batch.get("image_grid_thw"),
-                **kwargs,
-            )
-        images = [image for row in batch[IMAGES_KEY] for image in row]
-        processed = perturb_original_images(
-            images, self.processing_class.image_processor, args.perturbation, generator, pixel_values.device, **kwargs
+        count = batch["prompt_ids"].size(0)
+        index = batch.get(COMPLETION_INDEX_KEY)
+        completions = index.tolist() if index is not None else list(range(count))
+        num_images = batch.get("num_images") or [1] * count
+        seeds = perturbation_seeds(
+            self.args.seed, self._perturbation_round, self.accelerator.process_index, completions, num_images
         )
-        grid = batch.get("image_grid_thw")
-        if processed["pixel_values"].shape != pixel_values.shape or (
-            grid is not None and not torch.equal(processed["image_grid_thw"].to(grid.device), grid)
-        ):
-            raise RuntimeError(
-                "The perturbed images do not have the original batch's token layout (the processor was called with "
-                "other settings for the batch?); set perturbation_space='pixel_values'."
-            )
-        return processed["pixel_values"].to(pixel_values.dtype)
+        return perturb_batch_images(batch, self.args, self.pixel_layout, self.processing_class.image_processor, seeds)
 
     @staticmethod
     def _select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict:
@@ -159,60 +184,159 @@ class VisualDependencyPassesMixin:
     def _sampled_token_logps(self, inputs: dict, logits_to_keep: int) -> torch.Tensor:
         return self._score_tokens(inputs, logits_to_keep)[0]
 
-    def _original_token_entropies(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
-        """The policy's per-token entropies on the original images (the `entropy` token filter criterion)."""
-        return self._score_tokens(self._select_rows(batch, rows), logits_to_keep, compute_entropy=True)[1]
+    def _perturbed_token_logps(self, batch, perturbed, rows, mask, logits_to_keep, compute_entropy=False):
+        return self._sampled_token_logps(self._select_rows(perturbed, rows), logits_to_keep), None
 
-    def _perturbed_token_logps(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
-        return self._sampled_token_logps(self._select_rows(perturbed, rows), logits_to_keep)
-
-    def _k3_dependency(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
+    def _k3_dependency(self, batch, perturbed, rows, mask, logits_to_keep, compute_entropy=False):
+        """k3 dependencies of `rows` (and, with `compute_entropy`, their original-image entropies)."""
         index = torch.tensor(rows, device=mask.device, dtype=torch.long)
-        if "old_per_token_logps" in batch and not self._has_dropout:
+        entropies = None
+        reuse = "old_per_token_logps" in batch and not self._has_dropout
+        if reuse and (not compute_entropy or ENTROPIES_KEY in batch):
             # TRL already scored the batch with the generating policy: reuse it, one forward pass saved (TRL scores
-            # in train mode, which only differs from eval mode with dropout).
+            # in train mode, which only differs from eval mode with dropout). Its entropies too, when kept.
             logps = batch["old_per_token_logps"][index]
+            if compute_entropy:
+                entropies = batch[ENTROPIES_KEY][index]
+        elif compute_entropy:
+            logps, entropies = self._score_tokens(self._select_rows(batch, rows), logits_to_keep, compute_entropy=True)
         else:
             logps = self._sampled_token_logps(self._select_rows(batch, rows), logits_to_keep)
-        perturbed_logps = self._perturbed_token_logps(batch, perturbed, rows, mask, logits_to_keep)
-        return token_dependency(logps, perturbed_logps, mask[index])
+        perturbed_logps, _ = self._perturbed_token_logps(batch, perturbed, rows, mask, logits_to_keep)
+        return token_dependency(logps, perturbed_logps, mask[index]), entropies
 
-    def _kl_dependency(self, batch, perturbed, rows, mask, logits_to_keep) -> torch.Tensor:
-        """Full-vocabulary KL per token, a few completions and positions at a time so that logits stay small."""
+    def _kl_dependency(self, batch, perturbed, rows, mask, logits_to_keep, compute_entropy=False):
+        """Full-vocabulary KL per token (and original-image entropies), a few completions at a time."""
         model = self.accelerator.unwrap_model(self.model)
         if is_peft_model(model):
             model = model.get_base_model()
         backbone, lm_head = model.base_model, model.get_output_embeddings()
-        chunks = []
+        chunks, entropy_chunks = [], []
         step = self.args.per_device_train_batch_size
         for start in range(0, len(rows), step):
             chunk_rows = rows[start : start + step]
-            inputs = self._select_rows(batch, chunk_rows)
-            hidden = self._completion_hidden_states(backbone, inputs, logits_to_keep)
-            perturbed_hidden = self._completion_hidden_states(
-                backbone, self._select_rows(perturbed, chunk_rows), logits_to_keep
+            kl, entropies = kl_chunk_dependency(
+                backbone,
+                lm_head,
+                self._select_rows(batch, chunk_rows),
+                self._select_rows(perturbed, chunk_rows),
+                mask[torch.tensor(chunk_rows, device=mask.device, dtype=torch.long)],
+                logits_to_keep,
+                self.temperature,
+                compute_entropy=compute_entropy,
+                autocast=self.accelerator.autocast,
+                hidden_states=self._completion_hidden_states,
             )
-            chunk_mask = mask[torch.tensor(chunk_rows, device=mask.device, dtype=torch.long)]
-            kl = torch.zeros(chunk_mask.shape, dtype=torch.float32, device=mask.device)
-            # `out_features`, not the weight shape: under ZeRO-3 the weight is a 0-size shard until gathered.
-            positions = max(1, KL_LOGITS_PER_CHUNK // (len(chunk_rows) * lm_head.out_features))
-            with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias), self.accelerator.autocast():
-                for position in range(0, logits_to_keep, positions):
-                    window = slice(position, position + positions)
-                    # F.linear on the gathered weight: no per-window collectives, whatever the local length.
-                    logits = F.linear(hidden[:, window], lm_head.weight, lm_head.bias) / self.temperature
-                    perturbed_logits = F.linear(perturbed_hidden[:, window], lm_head.weight, lm_head.bias)
-                    perturbed_logits = perturbed_logits / self.temperature
-                    kl[:, window] = kl_token_dependency(logits, perturbed_logits, chunk_mask[:, window])
             chunks.append(kl)
-        return torch.cat(chunks)
+            entropy_chunks.append(entropies)
+        return torch.cat(chunks), torch.cat(entropy_chunks) if compute_entropy else None
 
     def _completion_hidden_states(self, backbone, inputs: dict, logits_to_keep: int) -> torch.Tensor:
-        """Final hidden states at the positions that predict the completion tokens."""
-        model_inputs = {key: value for key, value in inputs.items() if key != "num_images"}
-        with self.accelerator.autocast():
-            hidden = backbone(**model_inputs, use_cache=False).last_hidden_state
-        return hidden[:, -logits_to_keep - 1 : -1]
+        return completion_hidden_states(backbone, inputs, logits_to_keep, self.accelerator.autocast)
+
+
+def perturbation_seeds(
+    seed: int, round_index: int, process_index: int, completions: Sequence[int], num_images: Sequence[int]
+) -> list[int]:
+    """
+    One seed per image, from the trainer seed, the perturbation round, the process, the completion's index in its
+    generation batch and the image's rank in the completion: a completion's draw is the same whichever other
+    completions are perturbed with it (skipped or not), and the spotlight can make the very draw training made.
+    """
+    return [
+        hash((seed, round_index, process_index, completion, image)) % (2**63)
+        for completion, count in zip(completions, num_images, strict=True)
+        for image in range(count)
+    ]
+
+
+def perturb_batch_images(
+    batch: dict[str, Any], settings: Any, layout: PixelLayout, image_processor: Any, seeds: Sequence[int]
+) -> torch.Tensor:
+    """
+    `batch["pixel_values"]` with every image perturbed, image `i` with a generator seeded by `seeds[i]`.
+
+    On the images as the data delivered them when the batch carries them (`IMAGES_KEY`), else on the processed pixels.
+    `settings` has [`VPPOConfig`]'s perturbation fields (`perturbation`, `perturbation_patch_size`, ...).
+    """
+    pixel_values = batch["pixel_values"]
+    generators = [torch.Generator(device=pixel_values.device).manual_seed(seed) for seed in seeds]
+    kwargs = {
+        "patch_size": settings.perturbation_patch_size,
+        "prob": settings.perturbation_prob,
+        "noise_std": settings.perturbation_noise_std,
+        "blur_radius": settings.perturbation_blur_radius,
+    }
+    grid = batch.get("image_grid_thw")
+    if IMAGES_KEY not in batch:
+        return perturb_pixel_values(
+            pixel_values, layout, settings.perturbation, generators, image_grid_thw=grid, **kwargs
+        )
+    images = [image for row in batch[IMAGES_KEY] for image in row]
+    processed = perturb_original_images(
+        images, image_processor, settings.perturbation, generators, pixel_values.device, **kwargs
+    )
+    if processed["pixel_values"].shape != pixel_values.shape or (
+        grid is not None and not torch.equal(processed["image_grid_thw"].to(grid.device), grid)
+    ):
+        raise RuntimeError(
+            "The perturbed images do not have the original batch's token layout (the processor was called with "
+            "other settings for the batch?); set perturbation_space='pixel_values'."
+        )
+    return processed["pixel_values"].to(pixel_values.dtype)
+
+
+def completion_hidden_states(
+    backbone: torch.nn.Module, inputs: dict, logits_to_keep: int, autocast: Callable = contextlib.nullcontext
+) -> torch.Tensor:
+    """Final hidden states at the positions that predict the completion tokens."""
+    model_inputs = {key: value for key, value in inputs.items() if key != "num_images"}
+    with autocast():
+        hidden = backbone(**model_inputs, use_cache=False).last_hidden_state
+    return hidden[:, -logits_to_keep - 1 : -1]
+
+
+def kl_chunk_dependency(
+    backbone: torch.nn.Module,
+    lm_head: torch.nn.Module,
+    inputs: dict,
+    perturbed_inputs: dict,
+    mask: torch.Tensor,
+    logits_to_keep: int,
+    temperature: float,
+    compute_entropy: bool = False,
+    autocast: Callable = contextlib.nullcontext,
+    hidden_states: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    Full-vocabulary KL per token between the original and the perturbed inputs' predictions (and the entropies of the
+    original ones), a few positions at a time so that logits stay small (`KL_LOGITS_PER_CHUNK` values).
+
+    `hidden_states(backbone, inputs, logits_to_keep)` defaults to [`completion_hidden_states`] under `autocast`.
+    """
+    if hidden_states is None:
+
+        def hidden_states(backbone, inputs, logits_to_keep):
+            return completion_hidden_states(backbone, inputs, logits_to_keep, autocast)
+
+    hidden = hidden_states(backbone, inputs, logits_to_keep)
+    perturbed_hidden = hidden_states(backbone, perturbed_inputs, logits_to_keep)
+    kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    entropies = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device) if compute_entropy else None
+    # `out_features`, not the weight shape: under ZeRO-3 the weight is a 0-size shard until gathered.
+    positions = max(1, KL_LOGITS_PER_CHUNK // (mask.size(0) * lm_head.out_features))
+    with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias), autocast():
+        for position in range(0, logits_to_keep, positions):
+            window = slice(position, position + positions)
+            # F.linear on the gathered weight: no per-window collectives, whatever the local length.
+            logits = F.linear(hidden[:, window], lm_head.weight, lm_head.bias) / temperature
+            perturbed_logits = F.linear(perturbed_hidden[:, window], lm_head.weight, lm_head.bias) / temperature
+            kl[:, window] = kl_token_dependency(logits, perturbed_logits, mask[:, window])
+            if compute_entropy:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                entropy = -(logp.exp() * logp).sum(-1)
+                entropies[:, window] = torch.where(mask[:, window].bool(), entropy, torch.zeros_like(entropy))
+    return kl, entropies
 
 
 def check_vision_model(model: torch.nn.Module, processing_class: Any) -> None:

@@ -23,11 +23,30 @@ from transformers.image_transforms import convert_to_rgb
 
 SOLID_GREY = 128.0
 
+# One generator for every image, drawn from in image order, or one generator per image (its own draw).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _random(sample, shape: tuple[int, ...], generator: Generators, **kwargs) -> torch.Tensor:
+    """`sample(shape)` (`torch.rand`, `torch.randn`); with one generator per image, each image's slice from its own."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return sample(shape, generator=generator, **kwargs)
+    if len(generator) != shape[0]:
+        raise ValueError(f"Got {len(generator)} generators for {shape[0]} images: give one per image.")
+    return torch.cat([sample((1, *shape[1:]), generator=image_generator, **kwargs) for image_generator in generator])
+
+
+def _subset(generator: Generators, indices: Sequence[int]) -> Generators:
+    """The generators of the images `indices` (a shared generator is shared by all)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return [generator[i] for i in indices]
+
 
 def perturb_images(
     images: torch.Tensor,
     kind: str,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     patch_size: int = 14,
     prob: float = 0.5,
     noise_std: float = 189.0,
@@ -36,7 +55,9 @@ def perturb_images(
     """
     Perturb a batch of images given as float tensors `[N, C, H, W]` with values in [0, 255].
 
-    Every image gets its own random draw from `generator`, so the same generator state gives the same result.
+    Every image gets its own random draw from `generator`, so the same generator state gives the same result. With a
+    sequence of generators, one per image, each image's draw comes from its own generator: it does not depend on the
+    other images of the batch.
 
     Args:
         images: the images, 0-255.
@@ -44,18 +65,18 @@ def perturb_images(
             0 with probability `prob`), `"gaussian_noise"` (additive noise of standard deviation `noise_std`, clipped
             to [0, 255]), `"gaussian_blur"` (Gaussian blur whose standard deviation is `blur_radius` pixels) or
             `"solid"` (every pixel 128).
-        generator: source of randomness for the random perturbations.
+        generator: source of randomness for the random perturbations, or one per image.
     """
     if images.ndim != 4:
         raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
     if kind == "patch_blackening":
         num_images, _, height, width = images.shape
         rows, cols = math.ceil(height / patch_size), math.ceil(width / patch_size)
-        draws = torch.rand((num_images, 1, rows, cols), generator=generator, device=images.device)
+        draws = _random(torch.rand, (num_images, 1, rows, cols), generator, device=images.device)
         blacken = (draws < prob).repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
         return images.masked_fill(blacken[:, :, :height, :width], 0.0)
     if kind == "gaussian_noise":
-        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        noise = _random(torch.randn, tuple(images.shape), generator, device=images.device, dtype=images.dtype)
         return (images + noise_std * noise).clamp(0.0, 255.0)
     if kind == "gaussian_blur":
         if blur_radius <= 0:
@@ -161,7 +182,7 @@ def perturb_pixel_values(
     pixel_values: torch.Tensor,
     layout: PixelLayout,
     kind: str,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     image_grid_thw: torch.Tensor | None = None,
     **perturbation_kwargs,
 ) -> torch.Tensor:
@@ -174,23 +195,34 @@ def perturb_pixel_values(
     """
     patch_size = perturbation_kwargs.get("patch_size", layout.patch_size)
     if kind == "patch_blackening" and image_grid_thw is not None and patch_size == layout.patch_size:
-        return blacken_patch_rows(pixel_values, layout, perturbation_kwargs.get("prob", 0.5), generator)
+        prob, rows_per_image = perturbation_kwargs.get("prob", 0.5), image_grid_thw.prod(-1).tolist()
+        return blacken_patch_rows(pixel_values, layout, prob, generator, rows_per_image)
     images = layout.to_images(pixel_values, image_grid_thw)
     perturbed: list[torch.Tensor | None] = [None] * len(images)
     by_size: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):
         by_size.setdefault(tuple(image.shape), []).append(index)
     for indices in by_size.values():
-        batch = perturb_images(torch.stack([images[i] for i in indices]), kind, generator, **perturbation_kwargs)
+        batch = torch.stack([images[i] for i in indices])
+        batch = perturb_images(batch, kind, _subset(generator, indices), **perturbation_kwargs)
         for i, image in zip(indices, batch, strict=True):
             perturbed[i] = image
     return layout.to_pixel_values(perturbed, like=pixel_values)
 
 
 def blacken_patch_rows(
-    pixel_values: torch.Tensor, layout: PixelLayout, prob: float, generator: torch.Generator | None = None
+    pixel_values: torch.Tensor,
+    layout: PixelLayout,
+    prob: float,
+    generator: Generators = None,
+    rows_per_image: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Set each Qwen-VL patch row to black (0 in pixel space, normalised per channel) with probability `prob`."""
+    """
+    Set each Qwen-VL patch row to black (0 in pixel space, normalised per channel) with probability `prob`.
+
+    With one generator per image, `rows_per_image` (the product of each image's `image_grid_thw`) says which rows are
+    whose.
+    """
     channels = len(layout.mean)
     black = torch.tensor(
         [(0.0 * layout.rescale_factor - m) / s for m, s in zip(layout.mean, layout.std, strict=True)],
@@ -198,7 +230,14 @@ def blacken_patch_rows(
         dtype=pixel_values.dtype,
     )
     black_row = black.repeat_interleave(pixel_values.size(-1) // channels)
-    blacken = torch.rand(pixel_values.size(0), generator=generator, device=pixel_values.device) < prob
+    if generator is None or isinstance(generator, torch.Generator):
+        draws = torch.rand(pixel_values.size(0), generator=generator, device=pixel_values.device)
+    else:
+        if rows_per_image is None or len(rows_per_image) != len(generator):
+            raise ValueError("One generator per image needs `rows_per_image`, one count per image.")
+        pieces = zip(rows_per_image, generator, strict=True)
+        draws = torch.cat([torch.rand(rows, generator=g, device=pixel_values.device) for rows, g in pieces])
+    blacken = draws < prob
     return torch.where(blacken.unsqueeze(-1), black_row, pixel_values)
 
 
@@ -229,7 +268,7 @@ def perturb_original_images(
     images: Sequence[PIL.Image.Image],
     image_processor,
     kind: str,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     **perturbation_kwargs,
 ) -> dict[str, torch.Tensor]:
@@ -245,7 +284,8 @@ def perturb_original_images(
     Args:
         images: the images in batch order (every image of every completion, each completion's in order).
         image_processor: the processor's image processor (its defaults are those it applied to the originals).
-        kind, generator, perturbation_kwargs: as in [`perturb_images`]; each image gets its own draw.
+        kind, generator, perturbation_kwargs: as in [`perturb_images`]; each image gets its own draw (from its own
+            generator when one per image is given).
         device: where the work is done (where the model's inputs are).
 
     Returns:
@@ -258,7 +298,7 @@ def perturb_original_images(
     perturbed: list[torch.Tensor | None] = [None] * len(tensors)
     for indices in by_size.values():
         batch = torch.stack([tensors[i] for i in indices]).to(device).float()
-        batch = perturb_images(batch, kind, generator, **perturbation_kwargs)
+        batch = perturb_images(batch, kind, _subset(generator, indices), **perturbation_kwargs)
         if kind == "gaussian_blur":
             batch = batch.round()
         batch = batch.clamp(0.0, 255.0).to(torch.uint8)

@@ -6,9 +6,12 @@ completion: it scores 0, and the share of such completions is logged through TRL
 [`accuracy_reward`] and [`format_reward`]).
 """
 
+import importlib
 import logging
 import math
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -265,3 +268,20 @@ def get_reward_functions(names: Sequence[str]) -> list[Callable[..., list[float]
     if unknown:
         raise ValueError(f"Unknown reward function(s) {unknown}; available: {sorted(REWARD_FUNCTIONS)}.")
     return [REWARD_FUNCTIONS[name] for name in names]
+
+
+def resolve_reward_functions(names: list[str]) -> list[Callable[..., list[float]]]:
+    """Reward functions from registry names or dotted import paths (resolved from the current folder, as in TRL)."""
+    functions = []
+    for name in names:
+        if "." not in name:
+            functions.extend(get_reward_functions([name]))
+            continue
+        module_name, _, attribute = name.rpartition(".")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            functions.append(getattr(importlib.import_module(module_name), attribute))
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"Cannot load reward function {name!r}: {error}") from error
+    return functions

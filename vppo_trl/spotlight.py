@@ -1,34 +1,92 @@
 """See token perception: which tokens of a completion depend on the image, as VPPO measures it.
 
-[`token_perception`] scores one completion with the original and the perturbed image(s), exactly as VPPOTrainer does
-during training (same perturbations, same estimators, same token filter), and returns per-token dependencies.
+[`token_perception`] scores one completion with the original and the perturbed image(s) through the functions
+VPPOTrainer measures with (`vppo_trl.passes`: the same seeded draw per completion and image, the same perturbation,
+the same estimators; `vppo_trl.core`: the same token filter and TAS), with [`VPPOConfig`]'s settings and defaults
+([`MeasurementSettings`]), and returns per-token dependencies. Its draw `d` of completion `i` is the draw training
+makes for completion `i` of its generation batch in round `d + 1` on process 0.
 [`sample_perceptions`] does it for several completions of one prompt, sampled like training, with the TAS scale and
 reward each gets. `vppo_trl.spotlight_page` draws them (HTML page, PNG, distributions); `vppo-trl spotlight` is the
 command line.
 """
 
-import argparse
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 from PIL import Image
+from transformers import HfArgumentParser
 from trl.data_utils import prepare_multimodal_messages
 
-from .core import (
-    advantage_scales,
-    kl_token_dependency,
-    token_dependency,
-    top_dependency_mask,
-    trajectory_dependency,
-)
-from .perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
+from .config import VPPOConfig
+from .core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
+from .passes import IMAGES_KEY, completion_hidden_states, kl_chunk_dependency, perturb_batch_images, perturbation_seeds
+from .perturbations import PixelLayout
+from .rewards import REWARD_FUNCTIONS
 from .spotlight_page import CONTINUATION
 
 # Most tokens one character can be split over (UTF-8 has at most 4 bytes per character).
 MAX_CHARACTER_TOKENS = 4
+
+# The VPPOConfig fields a measurement reads, and the short flags `vppo-trl spotlight` has always accepted for some.
+MEASUREMENT_ALIASES = {
+    "perturbation": [],
+    "perturbation_space": [],
+    "perturbation_patch_size": ["--patch-size"],
+    "perturbation_prob": [],
+    "perturbation_noise_std": ["--noise-std"],
+    "perturbation_blur_radius": ["--blur-radius"],
+    "dependency_estimator": ["--estimator"],
+    "token_filter_ratio": [],
+    "advantage_scale_min": [],
+    "advantage_scale_max": [],
+    "temperature": [],
+}
+
+MeasurementSettings = make_dataclass(
+    "MeasurementSettings",
+    [
+        (
+            config_field.name,
+            config_field.type,
+            field(
+                default=config_field.default,
+                metadata={**config_field.metadata, "aliases": MEASUREMENT_ALIASES[config_field.name]},
+            ),
+        )
+        for config_field in fields(VPPOConfig)
+        if config_field.name in MEASUREMENT_ALIASES
+    ],
+)
+MeasurementSettings.__doc__ = (
+    "The VPPOConfig fields a measurement reads (perturbation, estimator, TGF, TAS, temperature), with VPPOConfig's "
+    "defaults and help: a setting has one default, the trainer's."
+)
+
+
+# The short keyword names the spotlight's functions took before they read VPPOConfig's, still accepted.
+SHORT_NAMES = {
+    "estimator": "dependency_estimator",
+    "patch_size": "perturbation_patch_size",
+    "prob": "perturbation_prob",
+    "noise_std": "perturbation_noise_std",
+    "blur_radius": "perturbation_blur_radius",
+}
+
+
+def _settings(settings: "MeasurementSettings | None", overrides: dict) -> "MeasurementSettings":
+    """`settings` (VPPOConfig's defaults when `None`) with `overrides`, by VPPOConfig name or short name."""
+    overrides = {SHORT_NAMES.get(name, name): value for name, value in overrides.items()}
+    return replace(settings if settings is not None else MeasurementSettings(), **overrides)
+
+
+def measurement_settings(config: VPPOConfig) -> "MeasurementSettings":
+    """The measurement settings of a training configuration."""
+    return MeasurementSettings(**{name: getattr(config, name) for name in MEASUREMENT_ALIASES})
 
 
 @dataclass
@@ -123,6 +181,54 @@ def _check_length(model, prompt_length: int, completion_length: int) -> None:
         )
 
 
+def _backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The language backbone and LM head the trainer's passes use."""
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model.base_model, model.get_output_embeddings()
+
+
+def _sampled_token_logps(model, inputs: dict, completion_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`[1, T]` log-probs of the completion's tokens: the backbone's hidden states through the LM head."""
+    backbone, lm_head = _backbone_and_head(model)
+    hidden = completion_hidden_states(backbone, inputs, completion_ids.numel())
+    logits = F.linear(hidden, lm_head.weight, lm_head.bias).float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, completion_ids.view(1, -1, 1)).squeeze(-1)
+
+
+def _measurement_inputs(model, processor, prompt, images: Sequence[Image.Image], completion_ids=None) -> dict:
+    """The prompt (and completion) as one row of a generation batch: model inputs, `num_images` and the images."""
+    inputs = dict(_prompt_inputs(model, processor, prompt, images))
+    inputs["num_images"] = [len(images)]
+    inputs[IMAGES_KEY] = [list(images)]
+    if completion_ids is not None:
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], completion_ids.unsqueeze(0)], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in inputs:
+                inputs[key] = torch.cat([inputs[key], inputs[key].new_zeros(1, completion_ids.numel())], dim=1)
+    return inputs
+
+
+def _perturbed_inputs(inputs: dict, processor, settings, seed: int, draw: int, completion_index: int) -> dict:
+    """`inputs` with the images perturbed as training's round `draw + 1` perturbs completion `completion_index`."""
+    if settings.perturbation_space not in ("original_image", "pixel_values"):
+        raise ValueError(
+            f"perturbation_space={settings.perturbation_space!r} is not supported; "
+            "choose 'original_image' or 'pixel_values'."
+        )
+    seeds = perturbation_seeds(seed, draw + 1, 0, [completion_index], inputs["num_images"])
+    batch = inputs if settings.perturbation_space == "original_image" else {**inputs, IMAGES_KEY: None}
+    batch = {key: value for key, value in batch.items() if value is not None}
+    layout = PixelLayout.from_image_processor(processor.image_processor)
+    pixels = perturb_batch_images(batch, settings, layout, processor.image_processor, seeds)
+    return {**inputs, "pixel_values": pixels}
+
+
+def _model_inputs(inputs: dict) -> dict:
+    return {key: value for key, value in inputs.items() if key != IMAGES_KEY}
+
+
 @torch.no_grad()
 def token_perception(
     model,
@@ -131,15 +237,12 @@ def token_perception(
     images: Sequence[Image.Image],
     completion: str | Sequence[int] | None = None,
     *,
-    perturbation: str = "patch_blackening",
-    perturbation_space: str = "original_image",
-    estimator: str = "k3",
-    token_filter_ratio: float = 0.4,
+    settings: "MeasurementSettings | None" = None,
     draws: int = 1,
     seed: int = 0,
-    temperature: float = 1.0,
+    completion_index: int = 0,
     max_new_tokens: int = 256,
-    **perturbation_kwargs,
+    **overrides,
 ) -> TokenPerception:
     """
     Measure the visual dependency of every token of `completion` (generated greedily when `None`).
@@ -150,13 +253,16 @@ def token_perception(
         prompt: the user's text, or a conversation in TRL's format.
         images: the prompt's images.
         completion: the answer to score, as text or token ids; `None` generates one greedily.
-        perturbation, perturbation_space, estimator, token_filter_ratio, temperature: as in [`VPPOConfig`].
+        settings: the measurement's [`VPPOConfig`] settings (its defaults when `None`); `overrides` change some of
+            them by name (`perturbation="solid"`, `dependency_estimator="kl"`, `perturbation_prob=0.3`...; the short
+            names `estimator`, `patch_size`, `prob`, `noise_std` and `blur_radius` work too).
         draws: number of perturbation draws averaged (random perturbations vary from draw to draw).
-        seed: seed of the first draw.
-        perturbation_kwargs: `patch_size`, `prob`, `noise_std` or `blur_radius`.
+        seed, completion_index: draw `d` is the one training with `seed` makes for completion `completion_index` of
+            its generation batch in round `d + 1` (process 0).
     """
-    if estimator not in ("k3", "kl"):
-        raise ValueError(f"estimator={estimator!r} is not supported; choose 'k3' or 'kl'.")
+    settings = _settings(settings, overrides)
+    if settings.dependency_estimator not in ("k3", "kl"):
+        raise ValueError(f"estimator={settings.dependency_estimator!r} is not supported; choose 'k3' or 'kl'.")
     if draws < 1:
         raise ValueError(f"draws={draws} must be >= 1.")
     prompt_inputs = _prompt_inputs(model, processor, prompt, images)
@@ -177,72 +283,39 @@ def token_perception(
     if completion_ids.numel() == 0:
         raise ValueError("The completion is empty: there is no token to score.")
     _check_length(model, prompt_length, completion_ids.numel())
-    inputs = dict(prompt_inputs)
-    inputs["input_ids"] = torch.cat([prompt_inputs["input_ids"], completion_ids.unsqueeze(0)], dim=1)
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if key in inputs:
-            inputs[key] = torch.cat([inputs[key], inputs[key].new_zeros(1, completion_ids.numel())], dim=1)
-
-    def completion_logits(model_inputs: dict) -> torch.Tensor:
-        logits = model(**model_inputs, use_cache=False).logits[:, prompt_length - 1 : -1]
-        return logits.float() / temperature
-
-    logits = completion_logits(inputs)
-    logps = torch.log_softmax(logits, -1).gather(-1, completion_ids.view(1, -1, 1)).squeeze(-1)
-    mask = torch.ones_like(logps)
-    total = torch.zeros_like(logps)
+    inputs = _measurement_inputs(model, processor, prompt, images, completion_ids)
+    length, temperature = completion_ids.numel(), settings.temperature
+    mask = torch.ones((1, length), device=completion_ids.device)
+    total = torch.zeros((1, length), device=completion_ids.device)
+    logps = None
     for draw in range(draws):
-        perturbed_pixels = _perturbed_pixels(
-            inputs, images, processor, perturbation, perturbation_space, seed + draw, perturbation_kwargs
-        )
-        perturbed_logits = completion_logits({**inputs, "pixel_values": perturbed_pixels})
-        if estimator == "k3":
-            perturbed_logps = torch.log_softmax(perturbed_logits, -1).gather(-1, completion_ids.view(1, -1, 1))
-            total += token_dependency(logps, perturbed_logps.squeeze(-1), mask)
+        perturbed = _perturbed_inputs(inputs, processor, settings, seed, draw, completion_index)
+        if settings.dependency_estimator == "k3":
+            if logps is None:
+                logps = _sampled_token_logps(model, _model_inputs(inputs), completion_ids, temperature)
+            perturbed_logps = _sampled_token_logps(model, _model_inputs(perturbed), completion_ids, temperature)
+            total += token_dependency(logps, perturbed_logps, mask)
         else:
-            total += kl_token_dependency(logits, perturbed_logits, mask)
+            backbone, lm_head = _backbone_and_head(model)
+            kl, _ = kl_chunk_dependency(
+                backbone, lm_head, _model_inputs(inputs), _model_inputs(perturbed), mask, length, temperature
+            )
+            total += kl
     dependency = total / draws
-    kept = top_dependency_mask(dependency, mask, token_filter_ratio)
+    kept = top_dependency_mask(dependency, mask, settings.token_filter_ratio)
     ids = completion_ids.tolist()
     tokens, special = display_tokens(processor.tokenizer, ids)
+    shown = asdict(settings)
+    shown.pop("advantage_scale_min"), shown.pop("advantage_scale_max")
     return TokenPerception(
         tokens=tokens,
         dependency=dependency[0].tolist(),
         kept=kept[0].tolist(),
         trajectory_dependency=trajectory_dependency(dependency, mask).item(),
         completion=completion,
-        settings={
-            "perturbation": perturbation,
-            "perturbation_space": perturbation_space,
-            "estimator": estimator,
-            "token_filter_ratio": token_filter_ratio,
-            "draws": draws,
-            "seed": seed,
-            "temperature": temperature,
-            **perturbation_kwargs,
-        },
+        settings={**shown, "draws": draws, "seed": seed},
         token_ids=ids,
         special=special,
-    )
-
-
-def _perturbed_pixels(
-    inputs: dict, images: Sequence[Image.Image], processor, perturbation: str, space: str, seed: int, kwargs: dict
-) -> torch.Tensor:
-    """The perturbed `pixel_values`, in `space` as the trainer makes them (`VPPOConfig.perturbation_space`)."""
-    pixel_values = inputs["pixel_values"]
-    generator = torch.Generator(device=pixel_values.device).manual_seed(seed)
-    if space == "original_image":
-        perturbed = perturb_original_images(
-            images, processor.image_processor, perturbation, generator, pixel_values.device, **kwargs
-        )
-        return perturbed["pixel_values"].to(pixel_values.dtype)
-    if space != "pixel_values":
-        raise ValueError(f"perturbation_space={space!r} is not supported; choose 'original_image' or 'pixel_values'.")
-    layout = PixelLayout.from_image_processor(processor.image_processor)
-    return perturb_pixel_values(
-        pixel_values, layout, perturbation, generator, image_grid_thw=inputs.get("image_grid_thw"), **kwargs
     )
 
 
@@ -257,15 +330,16 @@ def pixels_to_pil(layout: PixelLayout, pixel_values: torch.Tensor, image_grid_th
 
 @torch.no_grad()
 def perturbed_views(
-    model, processor, prompt, images: Sequence[Image.Image], perturbation: str = "patch_blackening", seed: int = 0,
-    perturbation_space: str = "original_image", **perturbation_kwargs,
+    model, processor, prompt, images: Sequence[Image.Image], perturbation: str | None = None, seed: int = 0, *,
+    settings: "MeasurementSettings | None" = None, completion_index: int = 0, **overrides,
 ) -> tuple[list[Image.Image], list[Image.Image]]:  # fmt: skip
-    """The images as the model sees them and their perturbed copies (the draw of `seed`, the first one measured)."""
-    inputs = _prompt_inputs(model, processor, prompt, images)
+    """The images as the model sees them and their perturbed copies (the first draw measured)."""
+    if perturbation is not None:
+        overrides["perturbation"] = perturbation
+    settings = _settings(settings, overrides)
+    inputs = _measurement_inputs(model, processor, prompt, images)
     layout = PixelLayout.from_image_processor(processor.image_processor)
-    perturbed = _perturbed_pixels(
-        inputs, images, processor, perturbation, perturbation_space, seed, perturbation_kwargs
-    )
+    perturbed = _perturbed_inputs(inputs, processor, settings, seed, 0, completion_index)["pixel_values"]
     grid = inputs.get("image_grid_thw")
     return pixels_to_pil(layout, inputs["pixel_values"], grid), pixels_to_pil(layout, perturbed, grid)
 
@@ -302,12 +376,11 @@ def sample_perceptions(
     num_completions: int = 8,
     answer: str | None = None,
     reward_func: Callable[..., list[float]] | None = None,
-    advantage_scale_min: float = 0.9,
-    advantage_scale_max: float | None = None,
+    settings: "MeasurementSettings | None" = None,
     max_new_tokens: int = 256,
-    temperature: float = 1.0,
     seed: int = 0,
-    **perception_kwargs,
+    draws: int = 1,
+    **overrides,
 ) -> list[TokenPerception]:
     """
     Token perception of several completions of one prompt, as a training group: sampled like training (or the
@@ -315,17 +388,28 @@ def sample_perceptions(
 
     With rewards, the TAS statistics cover the completions whose GRPO advantage (reward minus the group mean) is not
     zero, as in training; without, they cover every completion (the scale each would get with a non-zero advantage).
+    Completion `i` is measured with the draws training makes for completion `i` of a generation batch.
     """
+    settings = _settings(settings, overrides)
     if completions is None:
         completions = sample_completions(
-            model, processor, prompt, images, num_completions, temperature=temperature,
+            model, processor, prompt, images, num_completions, temperature=settings.temperature,
             max_new_tokens=max_new_tokens, seed=seed,
         )  # fmt: skip
     perceptions = [
         token_perception(
-            model, processor, prompt, images, completion, temperature=temperature, seed=seed, **perception_kwargs
+            model,
+            processor,
+            prompt,
+            images,
+            completion,
+            settings=settings,
+            draws=draws,
+            seed=seed,
+            completion_index=index,
+            max_new_tokens=max_new_tokens,
         )  # fmt: skip
-        for completion in completions
+        for index, completion in enumerate(completions)
     ]
     valid = torch.ones(len(perceptions), dtype=torch.bool)
     if answer is not None and reward_func is not None:
@@ -336,7 +420,7 @@ def sample_perceptions(
             item.reward, item.advantage = float(reward), float(reward) - mean
         valid = torch.tensor([item.advantage != 0 for item in perceptions])
     dependencies = torch.tensor([item.trajectory_dependency for item in perceptions])
-    scales = advantage_scales(dependencies, valid, advantage_scale_min, advantage_scale_max)
+    scales = advantage_scales(dependencies, valid, settings.advantage_scale_min, settings.advantage_scale_max)
     for item, scale in zip(perceptions, scales.tolist(), strict=True):
         item.advantage_scale = scale
     return perceptions
@@ -421,9 +505,9 @@ def dataset_distributions(
 
 # The perturbation settings each perturbation reads.
 PERTURBATION_SETTINGS = {
-    "patch_blackening": ("patch_size", "prob"),
-    "gaussian_noise": ("noise_std",),
-    "gaussian_blur": ("blur_radius",),
+    "patch_blackening": ("perturbation_patch_size", "perturbation_prob"),
+    "gaussian_noise": ("perturbation_noise_std",),
+    "gaussian_blur": ("perturbation_blur_radius",),
     "solid": (),
 }
 
@@ -436,67 +520,74 @@ def settings_line(settings: dict, model_name: str) -> str:
     return f"{model_name} · " + ", ".join(shown)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of `vppo-trl spotlight`."""
-    from .config import PERTURBATIONS
-    from .rewards import REWARD_FUNCTIONS
+def _flatten(values: list) -> list[str]:
+    """A repeatable flag's values (`--image a --image b c` gives `[["a"], ["b", "c"]]`), as one list."""
+    return [item for value in values for item in (value if isinstance(value, list) else [value])]
 
-    parser = argparse.ArgumentParser(
+
+@dataclass
+class SpotlightArguments:
+    """The arguments of `vppo-trl spotlight` besides the measurement settings ([`MeasurementSettings`])."""
+
+    model: str = field(metadata={"help": "Model id or folder (a VPPO checkpoint, a base model...)."})
+    image: list[str] = field(
+        default_factory=list, metadata={"help": "Image file; repeat for several images.", "action": "append"}
+    )
+    prompt: str | None = field(default=None, metadata={"help": "The question asked about the image(s)."})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of --image and --prompt: the dependency distributions over the first --max-rows rows of "
+            "a dataset (any source `vppo-trl train` reads: a parquet/JSON Lines file, a folder, a Hub id), "
+            "--num-completions sampled per row, rewarded against its answers."
+        },
+    )
+    split: str = field(default="train", metadata={"help": "Split of --dataset."})
+    max_rows: int = field(default=16, metadata={"help": "Rows of --dataset used."})
+    completion: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "An answer to score instead of sampling; repeat to compare several. By default the model answers.",
+            "action": "append",
+        },
+    )
+    num_completions: int = field(
+        default=1,
+        metadata={
+            "help": "Completions sampled like training (temperature, no top-k/top-p) and shown sorted by trajectory "
+            "dependency, each with its TAS scale; 1 (default) is the greedy answer."
+        },
+    )
+    answer: str | None = field(
+        default=None, metadata={"help": "Ground-truth answer: each completion's reward is shown."}
+    )
+    reward: str = field(
+        default="accuracy",
+        metadata={"help": f"Reward function for --answer: one of {sorted(REWARD_FUNCTIONS)} or a dotted import path."},
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest completion generated."})
+    draws: int = field(default=4, metadata={"help": "Perturbation draws averaged."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the sampling and of the draws (draw d is training's round d + 1)."}
+    )
+    device: str | None = field(default=None, metadata={"help": "Device the model runs on (default: cuda if any)."})
+    output_dir: str = field(default="spotlight", metadata={"help": "Folder the files are written to."})
+
+    def __post_init__(self):
+        self.image, self.completion = _flatten(self.image), _flatten(self.completion)
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> HfArgumentParser:
+    """The parser of `vppo-trl spotlight`: its own arguments, and VPPOConfig's measurement fields and defaults."""
+    return HfArgumentParser(
+        (SpotlightArguments, MeasurementSettings),
         prog="vppo-trl spotlight",
         description="Show which tokens of a model's answers depend on the image, measured exactly as VPPOTrainer "
         "measures them. Writes perception.html (open it in a browser), perception.png (the same view), "
         "distributions.png and perception.json to --output-dir.",
     )
-    parser.add_argument("--model", required=True, help="Model id or folder (a VPPO checkpoint, a base model...).")
-    parser.add_argument("--image", action="append", help="Image file; repeat for several images.")
-    parser.add_argument("--prompt", help="The question asked about the image(s).")
-    parser.add_argument(
-        "--dataset",
-        help="Instead of --image and --prompt: the dependency distributions over the first --max-rows rows of a "
-        "dataset (any source `vppo-trl train` reads: a parquet/JSON Lines file, a folder, a Hub id), "
-        "--num-completions sampled per row, rewarded against its answers.",
-    )  # fmt: skip
-    parser.add_argument("--split", default="train", help="Split of --dataset.")
-    parser.add_argument("--max-rows", type=int, default=16, help="Rows of --dataset used.")
-    parser.add_argument(
-        "--completion", action="append",
-        help="An answer to score instead of sampling; repeat to compare several. By default the model answers.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--num-completions", type=int, default=1,
-        help="Completions sampled like training (temperature, no top-k/top-p) and shown sorted by trajectory "
-        "dependency, each with its TAS scale; 1 (default) is the greedy answer.",
-    )  # fmt: skip
-    parser.add_argument("--answer", help="Ground-truth answer: each completion's reward is shown.")
-    parser.add_argument(
-        "--reward", default="accuracy",
-        help=f"Reward function for --answer: one of {sorted(REWARD_FUNCTIONS)} or a dotted import path.",
-    )  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest completion generated.")
-    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling and scoring temperature.")
-    parser.add_argument("--perturbation", choices=PERTURBATIONS, default="patch_blackening",
-                        help="How the image is made uninformative (as VPPOConfig.perturbation).")  # fmt: skip
-    parser.add_argument("--perturbation-space", choices=("original_image", "pixel_values"), default="original_image",
-                        help="Perturb the image as given, before resizing (official), or the processed pixels (as "
-                        "VPPOConfig.perturbation_space).")  # fmt: skip
-    parser.add_argument("--patch-size", type=int, default=14, help="Patch side in pixels (patch_blackening).")
-    parser.add_argument("--perturbation-prob", type=float, default=0.5,
-                        help="Probability that a patch is blackened (patch_blackening).")  # fmt: skip
-    parser.add_argument("--noise-std", type=float, default=189.0, help="Noise sigma, 0-255 units (gaussian_noise).")
-    parser.add_argument("--blur-radius", type=float, default=6.0, help="Blur radius in pixels (gaussian_blur).")
-    parser.add_argument("--estimator", choices=("k3", "kl"), default="k3",
-                        help="Token dependency estimator (as VPPOConfig.dependency_estimator).")  # fmt: skip
-    parser.add_argument("--token-filter-ratio", type=float, default=0.4,
-                        help="Share of each completion's tokens TGF keeps (as in VPPOConfig).")  # fmt: skip
-    parser.add_argument("--advantage-scale-min", type=float, default=0.9, help="TAS beta_min (as in VPPOConfig).")
-    parser.add_argument("--advantage-scale-max", type=float, default=None,
-                        help="TAS beta_max; unset: dynamic range, mean scale 1 (as in VPPOConfig).")  # fmt: skip
-    parser.add_argument("--draws", type=int, default=4, help="Perturbation draws averaged.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling and of the first draw.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="Device the model runs on.")  # fmt: skip
-    parser.add_argument("--output-dir", default="spotlight", help="Folder the files are written to.")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -504,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, settings = parser.parse_args_into_dataclasses(argv)
 
     def fail(message: str):
         """One line naming the problem (argparse's `error` would print the whole usage first)."""
@@ -512,10 +603,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.num_completions < 1 or args.draws < 1 or args.max_new_tokens < 1 or args.max_rows < 1:
         fail("--num-completions, --draws, --max-new-tokens and --max-rows must be >= 1")
-    if args.dataset is None and (args.image is None or args.prompt is None):
+    if args.dataset is None and (not args.image or args.prompt is None):
         fail("give --image and --prompt (one prompt's page), or --dataset (distributions over a dataset)")
     images = []
-    for path in args.image or []:
+    for path in args.image:
         if not Path(path).is_file():
             fail(f"image file {path!r} not found")
         try:
@@ -524,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"cannot read image {path!r}: {error}")
     reward_func = None
     if args.answer is not None or args.dataset is not None:
-        from .train import resolve_reward_functions
+        from .rewards import resolve_reward_functions
 
         try:
             (reward_func,) = resolve_reward_functions([args.reward])
@@ -537,10 +628,7 @@ def main(argv: list[str] | None = None) -> None:
         processor = AutoProcessor.from_pretrained(args.model)
     except (OSError, ValueError) as error:
         fail(f"cannot load model {args.model!r}: {str(error).strip().splitlines()[0]}")
-    # All four, as the trainer passes them: each perturbation reads its own.
-    perturbation_kwargs = dict(
-        patch_size=args.patch_size, prob=args.perturbation_prob, noise_std=args.noise_std, blur_radius=args.blur_radius
-    )
+    measurement = dict(settings=settings, max_new_tokens=args.max_new_tokens, seed=args.seed, draws=args.draws)
     if args.dataset is not None:
         from .data import load_vppo_dataset
 
@@ -548,10 +636,7 @@ def main(argv: list[str] | None = None) -> None:
             dataset, _ = load_vppo_dataset(args.dataset, args.split, max_rows=args.max_rows)
             paths = dataset_distributions(
                 model, processor, dataset, args.output_dir, num_completions=args.num_completions,
-                reward_func=reward_func, title=f"{args.model} on {args.dataset} ({len(dataset)} rows)",
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                perturbation=args.perturbation, perturbation_space=args.perturbation_space, estimator=args.estimator,
-                token_filter_ratio=args.token_filter_ratio, draws=args.draws, **perturbation_kwargs,
+                reward_func=reward_func, title=f"{args.model} on {args.dataset} ({len(dataset)} rows)", **measurement,
             )  # fmt: skip
         except (ValueError, FileNotFoundError) as error:
             fail(str(error).strip().splitlines()[0])
@@ -559,22 +644,17 @@ def main(argv: list[str] | None = None) -> None:
         print("Share of tokens above: " + ", ".join(f"{key}: {value:.1%}" for key, value in shares.items()))
         print("Wrote " + ", ".join(str(path) for path in paths.values()))
         return
-    completions = args.completion
+    completions = args.completion or None
     if completions is None and args.num_completions == 1:
         completions = [None]
     try:
         perceptions = sample_perceptions(
             model, processor, args.prompt, images, completions, num_completions=args.num_completions,
-            answer=args.answer, reward_func=reward_func, advantage_scale_min=args.advantage_scale_min,
-            advantage_scale_max=args.advantage_scale_max, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, seed=args.seed, perturbation=args.perturbation,
-            perturbation_space=args.perturbation_space, estimator=args.estimator,
-            token_filter_ratio=args.token_filter_ratio, draws=args.draws, **perturbation_kwargs,
+            answer=args.answer, reward_func=reward_func, **measurement,
         )  # fmt: skip
         originals, perturbed = perturbed_views(
-            model, processor, args.prompt, images, args.perturbation, args.seed, args.perturbation_space,
-            **perturbation_kwargs,
-        )  # fmt: skip
+            model, processor, args.prompt, images, settings=settings, seed=args.seed
+        )
     except ValueError as error:
         fail(str(error))
     paths = write_spotlight(

@@ -1,8 +1,9 @@
 """Token perception during training: every `spotlight_steps` steps, the page of a few completions of the batch.
 
-`VPPOConfig(spotlight_steps=N)` adds a [`SpotlightCallback`] to the trainer. On the steps it writes, it asks the
-trainer to keep a copy of what it measured for the batch (see `VPPOTrainer._shape_advantages`): the token
-dependencies, the TGF mask and the TAS scales of one prompt group, nothing recomputed, no extra forward pass. It writes
+`VPPOConfig(spotlight_steps=N)` adds a [`SpotlightCallback`] to the trainer. On the steps it writes, the trainer hands
+it what it measured for the batch (see `VPPOTrainer._shape_advantages`) and it keeps a copy of the token
+dependencies, the TGF mask and the TAS scales of one prompt group, nothing recomputed, no extra forward pass. The
+group is found by each completion's index in its generation batch, so it is whole after TRL's shuffle too. It writes
 `output_dir/spotlight/step-N/` (`perception.html`, `perception.png`, `distributions.png`, `perception.json`) and logs
 the pictures and the share of tokens above each dependency threshold to wandb and trackio when they are active.
 """
@@ -18,7 +19,9 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+from .batch_rows import select_rows
 from .core import trajectory_dependency
+from .passes import COMPLETION_INDEX_KEY
 from .spotlight import TokenPerception, display_tokens, pixels_to_pil, write_spotlight
 from .spotlight_page import shares_above
 
@@ -45,14 +48,22 @@ def prompt_text(tokenizer, prompt_ids: torch.Tensor) -> str:
     return REPEATED_SPECIAL.sub(lambda match: f"{match.group(1)}×{len(match.group(0)) // len(match.group(1))}", text)
 
 
-def _same_prompt(trainer, batch: dict[str, Any], row: int, other: int) -> bool:
-    """Whether two completions answer the same prompt (same prompt tokens and same images)."""
-    ids, mask = batch["prompt_ids"], batch["prompt_mask"].bool()
-    if not torch.equal(ids[row][mask[row]], ids[other][mask[other]]):
-        return False
-    pixels = trainer._select_rows(batch, [row]).get("pixel_values")
-    other_pixels = trainer._select_rows(batch, [other]).get("pixel_values")
-    return pixels is None or (pixels.shape == other_pixels.shape and torch.equal(pixels, other_pixels))
+def first_measured_group(
+    completion_index: torch.Tensor, measured: torch.Tensor, offset: int, group_size: int
+) -> list[int]:
+    """
+    Rows of the prompt group of the first measured completion, in generation order, wherever TRL's shuffle put them.
+
+    `completion_index` is each row's position in the process's generation batch, `offset` that batch's position in
+    the global one: TRL's sampler puts the `group_size` completions of a prompt next to each other, from 0.
+    """
+    rows = measured.nonzero().squeeze(-1).tolist()
+    if not rows:
+        return []
+    index = completion_index.tolist()
+    rows.sort(key=lambda row: index[row])
+    group = (offset + index[rows[0]]) // group_size
+    return [row for row in rows if (offset + index[row]) // group_size == group]
 
 
 @torch.no_grad()
@@ -70,13 +81,16 @@ def capture_spotlight(
     Copy the first measured prompt group of `batch` (up to `spotlight_completions` completions) and the batch's
     dependency distributions; `None` when no completion of the batch was measured.
     """
-    rows = measured.nonzero().squeeze(-1).tolist()
-    if not rows or "pixel_values" not in batch:
+    if "pixel_values" not in batch:
         return None
-    first = rows[0]
-    # TRL's sampler puts the completions of a prompt next to each other: only the next rows can share its prompt.
-    candidates = [row for row in rows if row < first + trainer.num_generations]
-    group = [row for row in candidates if _same_prompt(trainer, batch, first, row)]
+    completion_index = batch.get(COMPLETION_INDEX_KEY)
+    if completion_index is None:
+        completion_index = torch.arange(mask.size(0))
+    offset = trainer.accelerator.process_index * mask.size(0)
+    group = first_measured_group(completion_index, measured, offset, trainer.num_generations)
+    if not group:
+        return None
+    first = group[0]
     group = group[: trainer.args.spotlight_completions]
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     perceptions = []
@@ -98,15 +112,16 @@ def capture_spotlight(
             )
         )
     layout = trainer.pixel_layout
-    # The same draw the dependencies were measured with (seeded by trainer seed, round and process): no forward.
-    perturbed_batch = {**batch, "pixel_values": trainer._perturbed_pixel_values(batch)}
-    original, perturbed = trainer._select_rows(batch, [first]), trainer._select_rows(perturbed_batch, [first])
-    grid = original.get("image_grid_thw")
+    # The draw the dependencies were measured with (seeded by the completion's index, round and process), made again
+    # for the one completion shown: no forward.
+    shown = select_rows(batch, [first])
+    original, perturbed = shown["pixel_values"], trainer._perturbed_pixel_values(shown)
+    grid = shown.get("image_grid_thw")
     measured_tokens = mask.bool() & measured.unsqueeze(-1)
     return SpotlightBatch(
         perceptions=perceptions,
-        images=pixels_to_pil(layout, original["pixel_values"], grid),
-        perturbed_images=pixels_to_pil(layout, perturbed["pixel_values"], grid),
+        images=pixels_to_pil(layout, original, grid),
+        perturbed_images=pixels_to_pil(layout, perturbed, grid),
         prompt=prompt_text(tokenizer, batch["prompt_ids"][first][batch["prompt_mask"][first].bool()]),
         token_dependencies=dependency[measured_tokens].float().tolist(),
         trajectory_dependencies=trajectory_dependency(dependency, mask)[measured].float().tolist(),
@@ -123,17 +138,22 @@ class SpotlightCallback(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
         self.pending = False
+        self.snapshot: SpotlightBatch | None = None
+
+    def capture(self, *measured) -> None:
+        """Called by the trainer with what it measured (see `VPPOTrainer._shape_advantages`)."""
+        self.snapshot = capture_spotlight(self.trainer, *measured)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if (state.global_step + 1) % args.spotlight_steps == 0:
             self.pending = True
-        self.trainer.spotlight_capture = self.pending and state.is_world_process_zero
+        self.trainer.spotlight_capture = self.capture if self.pending and state.is_world_process_zero else None
 
     def on_step_end(self, args, state, control, **kwargs):
-        snapshot, self.trainer.spotlight_batch = self.trainer.spotlight_batch, None
+        snapshot, self.snapshot = self.snapshot, None
         if snapshot is None:
             return
-        self.pending = self.trainer.spotlight_capture = False
+        self.pending, self.trainer.spotlight_capture = False, None
         step_dir = Path(args.output_dir) / "spotlight" / f"step-{state.global_step}"
         title = f"Token perception at step {state.global_step}"
         paths = write_spotlight(

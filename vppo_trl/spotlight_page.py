@@ -303,10 +303,7 @@ def save_perception_png(
     """The view of [`perception_page`] as a PNG (for papers and issue threads)."""
     import textwrap
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import FancyBboxPatch, Rectangle
 
     ordered = sorted(perceptions, key=lambda item: -item.trajectory_dependency)
@@ -319,7 +316,8 @@ def save_perception_png(
     height += sum(22 + LINE_HEIGHT * (1 + max((box[1] for box in layout), default=0)) + 8 for layout in layouts)
     height += MARGIN
 
-    figure = plt.figure(figsize=(FIGURE_WIDTH / 72, height / 72), dpi=dpi)
+    # A Figure of its own, not pyplot's: the user's backend and open figures are left as they are.
+    figure = Figure(figsize=(FIGURE_WIDTH / 72, height / 72), dpi=dpi)
     canvas = figure.add_axes((0, 0, 1, 1))
     canvas.set_xlim(0, FIGURE_WIDTH)
     canvas.set_ylim(height, 0)
@@ -411,7 +409,6 @@ def save_perception_png(
             )  # fmt: skip
         y += LINE_HEIGHT * (1 + max((box[1] for box in layout), default=0)) + 8
     figure.savefig(path, dpi=dpi, facecolor="#fafafa")
-    plt.close(figure)
 
 
 def save_distributions_png(
@@ -426,15 +423,13 @@ def save_distributions_png(
     Histogram of token dependency (log scale, with the share of tokens above each threshold) and of trajectory
     dependency, for a set of completions. Returns the shares.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     values = np.asarray(token_dependencies, dtype=float)
     shares = shares_above(values.tolist(), thresholds)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), width_ratios=(3, 2))
+    figure = Figure(figsize=(11, 3.8))
+    left, right = figure.subplots(1, 2, width_ratios=(3, 2))
     floor = 1e-8
 
     def log_histogram(axis, data: np.ndarray, colour: str, bins: int) -> None:
@@ -462,5 +457,4 @@ def save_distributions_png(
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return shares

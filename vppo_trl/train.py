@@ -15,11 +15,9 @@ The recipe's keys are the fields of [`VPPOScriptArguments`], [`VPPOConfig`] and 
 
 import argparse
 import difflib
-import importlib
 import os
 import sys
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -36,7 +34,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .config import VPPOConfig
 from .data import ON_BAD_ROW_CHOICES, BadInputError, DataReport, load_vppo_dataset
-from .rewards import REWARD_FUNCTIONS, get_reward_functions
+from .rewards import REWARD_FUNCTIONS, resolve_reward_functions
 from .trainer import VPPOTrainer
 
 # Prefixes that make a model or dataset name a local path rather than a Hub id.
@@ -209,23 +207,6 @@ def make_parser(prog: str | None = None) -> TrlParser:
         help="YAML recipe whose keys set the fields below (see recipes/); flags on the command line override it.",
     )
     return parser
-
-
-def resolve_reward_functions(names: list[str]) -> list[Callable[..., list[float]]]:
-    """Reward functions from registry names or dotted import paths (resolved from the current folder, as in TRL)."""
-    functions = []
-    for name in names:
-        if "." not in name:
-            functions.extend(get_reward_functions([name]))
-            continue
-        module_name, _, attribute = name.rpartition(".")
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            functions.append(getattr(importlib.import_module(module_name), attribute))
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"Cannot load reward function {name!r}: {error}") from error
-    return functions
 
 
 def _looks_local(name: str) -> bool:

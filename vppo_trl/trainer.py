@@ -29,7 +29,6 @@ from .metrics import dependency_metrics, dependency_sums
 from .model_card import append_vppo_section
 from .passes import VisualDependencyPassesMixin, check_vision_model, has_dropout
 from .perturbations import PixelLayout
-from .spotlight_callback import SpotlightCallback, capture_spotlight
 from .vision_sync import ImagelessProcessMixin
 
 logger = logging.get_logger(__name__)
@@ -101,10 +100,11 @@ class VPPOTrainer(
         self._warned_without_images = False
         # With dropout, train-mode forwards are random: VPPO scores in eval mode and cannot reuse train-mode log-probs.
         self._has_dropout = has_dropout(self.model)
-        # Set by SpotlightCallback on the steps it writes: keep what `_shape_advantages` measured in `spotlight_batch`.
-        self.spotlight_capture = False
-        self.spotlight_batch = None
+        # Set by SpotlightCallback on the steps it writes: called with what `_shape_advantages` measured.
+        self.spotlight_capture = None
         if args.spotlight_steps > 0:
+            from .spotlight_callback import SpotlightCallback  # the viewer is loaded only when it is asked for
+
             self.add_callback(SpotlightCallback(self))
         columns = getattr(self.train_dataset, "column_names", None)
         if columns is not None and "images" not in columns and "image" not in columns:
@@ -173,20 +173,17 @@ class VPPOTrainer(
         if self._defers_original_logps(batch):
             perturbed_logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
             if run_pass:
-                perturbed_logps = self._visual_dependency(batch, rows, mask, self._perturbed_token_logps)
+                perturbed_logps, _ = self._visual_dependency(batch, rows, mask, self._perturbed_token_logps)
             batch[DEFERRED_KEY] = perturbed_logps
             batch.update({f"{DEFERRED_KEY}_{name}": value for name, value in roles.items()})
             return
+        # The `entropy` criterion's entropies come from a forward that runs anyway: the original-image pass, or TRL's
+        # old-log-prob pass when its log-probs are reused.
+        needs_entropies = self.args.token_filter_criterion == "entropy" and self.args.token_filter_ratio < 1.0
         dependency = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        entropies = None
+        entropies = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device) if needs_entropies else None
         if run_pass:
-            dependency = self._visual_dependency(batch, rows, mask)
-        if self.args.token_filter_criterion == "entropy" and self.args.token_filter_ratio < 1.0:
-            # No forward of this route gives the original-image entropies (old log-probs are reused without them, and
-            # `kl` keeps its logits chunk-local): one more forward, on the measured rows only.
-            entropies = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-            if run_pass:
-                entropies = self._visual_dependency(batch, rows, mask, self._original_token_entropies)
+            dependency, entropies = self._visual_dependency(batch, rows, mask, compute_entropy=needs_entropies)
         self._shape_advantages(batch, dependency, **roles, entropies=entropies)
 
     def _defers_original_logps(self, batch: dict[str, Any]) -> bool:
@@ -244,9 +241,9 @@ class VPPOTrainer(
             batch["advantages"] = shaped.unsqueeze(-1) * keep.to(shaped.dtype)
         else:
             batch["advantages"] = shaped
-        if self.spotlight_capture:
+        if self.spotlight_capture is not None:
             scales = all_scales[first : first + len(advantages)]
-            self.spotlight_batch = capture_spotlight(self, batch, dependency, mask, keep, measured, scales, advantages)
+            self.spotlight_capture(batch, dependency, mask, keep, measured, scales, advantages)
         self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
 
     def _filter_tokens(

@@ -250,9 +250,9 @@ def instrument(trainer, recorder: Recorder, role: str, length: int) -> dict[str,
         skipped = trainer._metrics["train"].get("vppo/skipped_fraction")
         recorder.values["skipped_fraction"] = skipped[-1] if skipped else None
 
-    def visual_dependency(batch, rows, mask, measure=None):
+    def visual_dependency(batch, rows, mask, measure=None, **kwargs):
         recorder.values["measured_rows_fraction"] = len(rows) / mask.size(0) if mask.size(0) else None
-        return originals["_visual_dependency"](batch, rows, mask, measure)
+        return originals["_visual_dependency"](batch, rows, mask, measure, **kwargs)
 
     def perturbed_pixel_values(batch):
         perturbed = originals["_perturbed_pixel_values"](batch)

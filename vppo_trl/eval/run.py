@@ -7,7 +7,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import INSTRUCTION_SUFFIX, PAPER_MAX_PIXELS, PAPER_MIN_PIXELS, fit_image_pixels, load_vppo_dataset
+from ..data import (
+    INSTRUCTION_SUFFIX,
+    ON_BAD_ROW_CHOICES,
+    PAPER_MAX_PIXELS,
+    PAPER_MIN_PIXELS,
+    fit_image_pixels,
+    load_vppo_dataset,
+)
 from ..rewards import accuracy_reward, extract_boxed_answer
 from .benchmarks import load_benchmark, resolve_benchmarks
 from .generation import VLLM_MISSING, chunk_seed
@@ -39,29 +46,70 @@ _SAMPLING_FIELDS = (
 class EvalConfig:
     """What an evaluation run generates on and how; stored in `run.json` and `results.json`."""
 
-    model: str | None = None
-    output_dir: str = "eval"
-    adapter: str | None = None
-    benchmarks: list[str] = field(default_factory=list)
-    data: list[str] = field(default_factory=list)
-    data_root: str | None = None
-    k: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 2048
-    seed: int = 0
-    batch_size: int = 8
-    min_pixels: int | None = PAPER_MIN_PIXELS
-    max_pixels: int | None = PAPER_MAX_PIXELS
-    instruction_suffix: str = INSTRUCTION_SUFFIX
-    max_problems: int | None = None
-    on_bad_row: str = "raise"
-    backend: str = "hf"
-    device: str | None = None
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None
+    model: str | None = field(
+        default=None, metadata={"help": "Hub model id or local folder (a VPPO checkpoint, a base model...)."}
+    )
+    output_dir: str = field(
+        default="eval", metadata={"help": "Folder of the run's outputs; an unfinished run there is resumed."}
+    )
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter folder, merged into the model (HF)."})
+    benchmarks: list[str] = field(
+        default_factory=list, metadata={"help": "Benchmark names, comma-separated or several, or 'all'."}
+    )
+    data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Local file or folder in the training data layout; repeatable.", "action": "append"},
+    )
+    data_root: str | None = field(
+        default=None, metadata={"help": "The `data` folder of the paper's evaluation data (chamber111/VPPO-Eval)."}
+    )
+    k: int = field(default=8, metadata={"help": "Samples per problem (the paper: 8)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (the paper: 1.0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (default %(default)s)."})
+    max_new_tokens: int = field(default=2048, metadata={"help": "Longest completion (the 7B paper run: 2048)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed; each chunk of problems derives its own."})
+    batch_size: int = field(default=8, metadata={"help": "Problems generated together (x k sequences)."})
+    min_pixels: int | None = field(
+        default=PAPER_MIN_PIXELS,
+        metadata={
+            "help": "Smaller images are scaled up to this many pixels (default: the paper's %(default)s; 'none')."
+        },
+    )
+    max_pixels: int | None = field(
+        default=PAPER_MAX_PIXELS,
+        metadata={
+            "help": "Larger images are scaled down to this many pixels (default: the paper's %(default)s; 'none')."
+        },
+    )
+    instruction_suffix: str = field(
+        default=INSTRUCTION_SUFFIX, metadata={"help": "Appended to every problem ('' for none)."}
+    )
+    max_problems: int | None = field(
+        default=None, metadata={"help": "Evaluate the first N problems of each benchmark (quick runs)."}
+    )
+    on_bad_row: str = field(
+        default="raise",
+        metadata={"help": "Stop at invalid rows, or skip them.", "choices": list(ON_BAD_ROW_CHOICES)},
+    )
+    backend: str = field(
+        default="hf", metadata={"help": "Generation engine (default %(default)s).", "choices": ["hf", "vllm"]}
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Device of the HF backend (default: the accelerate process's device)."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16, float32."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per model copy."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take."})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: context length (prompt + completion)."})
+
+    def __post_init__(self):
+        # From the command line: `--benchmarks geo3k,mmk12` and `--data a --data b` (nested lists).
+        if isinstance(self.benchmarks, str):
+            self.benchmarks = [self.benchmarks]
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.benchmarks = [name.strip() for entry in self.benchmarks for name in entry.split(",") if name.strip()]
+        self.data = [path for entry in self.data for path in (entry if isinstance(entry, list) else [entry])]
 
     def check(self) -> None:
         """Refuse settings that cannot work, before anything is loaded."""
@@ -400,22 +448,15 @@ def results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_results(results: dict, path: Path) -> None:
     """Bar chart of avg@k per benchmark and the mean over benchmarks."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # a Figure of its own: the user's backend is left as it is
+
     k = results["k"]
     titles = [b["title"] for b in results["benchmarks"].values()] + ["Mean"]
     values = [100 * b[f"avg@{k}"] for b in results["benchmarks"].values()] + [100 * results["mean"][f"avg@{k}"]]
-    figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(titles) + 1.5), 3.2))
+    figure = Figure(figsize=(max(4.0, 0.9 * len(titles) + 1.5), 3.2))
+    axis = figure.subplots()
     bars = axis.bar(titles, values, color=["tab:blue"] * (len(titles) - 1) + ["tab:orange"])
     axis.bar_label(bars, fmt="%.1f", fontsize=8)
     axis.set_ylabel(f"avg@{k} (%)")
@@ -424,7 +465,6 @@ def plot_results(results: dict, path: Path) -> None:
     axis.tick_params(axis="x", labelrotation=30)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def compare(
@@ -518,10 +558,12 @@ def compare_table(report: dict) -> str:
 
 def plot_comparison(report: dict, path: Path) -> None:
     """Differences with their intervals, one panel per compared run; an interval clear of 0 is significant."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure  # a Figure of its own: the user's backend is left as it is
+
     count = len(report["comparisons"])
     rows = len(report["comparisons"][0]["rows"])
-    figure, axes = plt.subplots(1, count, figsize=(4.8 * count, 0.45 * rows + 1.4), squeeze=False)
+    figure = Figure(figsize=(4.8 * count, 0.45 * rows + 1.4))
+    axes = figure.subplots(1, count, squeeze=False)
     for axis, comparison in zip(axes[0], report["comparisons"], strict=True):
         titles = [row["title"] for row in comparison["rows"]][::-1]
         values = [100 * row["difference"] for row in comparison["rows"]][::-1]
@@ -539,4 +581,3 @@ def plot_comparison(report: dict, path: Path) -> None:
         axis.set_title(f"{comparison['candidate']} - {comparison['baseline']}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
