@@ -55,7 +55,7 @@ def test_measures_what_the_trainer_measures_for_one_batch_and_round(tmp_path, es
     trainer.model.train()
     batch = trainer._generate_and_score_round([dict(dataset[0])] * 4)
     mask = batch["completion_mask"]
-    trainer._perturbation_round = 1  # the trainer's first generation batch
+    trainer.shared.perturbation_round = 1  # the trainer's first generation batch
     expected, _ = trainer._visual_dependency(batch, [0, 1, 2, 3], mask)
     settings = measurement_settings(args)
     for row in range(4):

@@ -138,7 +138,7 @@ def test_page_shows_one_whole_group_after_trls_shuffle(tmp_path):
     shuffled = unsplit_pixel_values_by_grid(shuffle_sequence_dict(split_pixel_values_by_grid(batch)))  # as TRL does
     positions = shuffled[COMPLETION_INDEX_KEY].tolist()
     assert sorted(positions.index(row) for row in range(4)) != list(range(4))  # the first group is scattered
-    trainer.spotlight_capture = callback.capture
+    trainer.shared.spotlight_capture = callback.capture
     with torch.no_grad():
         trainer._compute_loss(trainer.model, shuffled)
 
@@ -146,7 +146,7 @@ def test_page_shows_one_whole_group_after_trls_shuffle(tmp_path):
     mask = batch["completion_mask"].bool()
     first_group = [batch["completion_ids"][row][mask[row]].tolist() for row in range(4)]
     assert [item.token_ids for item in snapshot.perceptions] == first_group
-    first_images = pixels_to_pil(trainer.pixel_layout, select_rows(batch, [0])["pixel_values"],
+    first_images = pixels_to_pil(trainer.shared.pixel_layout, select_rows(batch, [0])["pixel_values"],
                                  select_rows(batch, [0])["image_grid_thw"])  # fmt: skip
     assert [image.tobytes() for image in snapshot.images] == [image.tobytes() for image in first_images]
     assert "×" in snapshot.prompt and len(snapshot.trajectory_dependencies) == 12

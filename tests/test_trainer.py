@@ -15,6 +15,7 @@ import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.batch_rows import model_inputs
 from vppo_trl.perturbations import perturb_original_images, perturb_pixel_values
+from vppo_trl.shared_state import has_dropout
 from vppo_trl.testing import (
     COLOUR_QUESTION,
     COLOURS,
@@ -266,7 +267,9 @@ def test_perturbation_space(tmp_path, space):
     trainer = make_trainer(tmp_path, dataset=dataset, perturbation_space=space, max_steps=1)
     batch = generation_batch(trainer, dataset, prompts=2)
     # One draw per image, seeded by the trainer seed, the round, the process, the completion and the image's rank.
-    seeds = passes_module.perturbation_seeds(trainer.args.seed, trainer._perturbation_round, 0, range(8), [1] * 8)
+    seeds = passes_module.perturbation_seeds(
+        trainer.args.seed, trainer.shared.perturbation_round, 0, range(8), [1] * 8
+    )
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     if space == "original_image":
         images = [image for row in batch[passes_module.IMAGES_KEY] for image in row]
@@ -280,7 +283,7 @@ def test_perturbation_space(tmp_path, space):
     else:
         assert passes_module.IMAGES_KEY not in batch
         expected = perturb_pixel_values(
-            batch["pixel_values"], trainer.pixel_layout, "patch_blackening", generators,
+            batch["pixel_values"], trainer.shared.pixel_layout, "patch_blackening", generators,
             image_grid_thw=batch["image_grid_thw"], patch_size=14,
         )  # fmt: skip
     perturbed = trainer._perturbed_pixel_values(batch)
@@ -340,10 +343,10 @@ def test_deferred_and_eager_shaping_agree(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, dataset=dataset, skip_zero_advantage=False)
     batch = generation_batch(trainer, dataset, prompts=2)
     deferred, eager = copy.deepcopy(batch), copy.deepcopy(batch)
-    trainer._perturbation_round = 0
+    trainer.shared.perturbation_round = 0
     apply_vppo(trainer, deferred)
     monkeypatch.setattr(VPPOTrainer, "_defers_original_logps", lambda self, batch: False)
-    trainer._perturbation_round = 0
+    trainer.shared.perturbation_round = 0
     trainer._apply_visual_dependency(eager)
     assert trainer_module.DEFERRED_KEY not in eager
     torch.testing.assert_close(deferred["advantages"], eager["advantages"])
@@ -409,10 +412,10 @@ def test_entropy_criterion_from_the_loss_forward_and_from_an_extra_pass_agree(tm
     trainer = make_trainer(tmp_path, dataset=dataset, skip_zero_advantage=False, token_filter_criterion="entropy")
     batch = generation_batch(trainer, dataset, prompts=2)
     deferred, eager = copy.deepcopy(batch), copy.deepcopy(batch)
-    trainer._perturbation_round = 0
+    trainer.shared.perturbation_round = 0
     apply_vppo(trainer, deferred)
     monkeypatch.setattr(VPPOTrainer, "_defers_original_logps", lambda self, batch: False)
-    trainer._perturbation_round = 0
+    trainer.shared.perturbation_round = 0
     trainer._apply_visual_dependency(eager)
     torch.testing.assert_close(deferred["advantages"], eager["advantages"])
 
@@ -551,7 +554,7 @@ def test_dropout_is_not_visual_dependency(tmp_path, overrides):
     from peft import LoraConfig
 
     model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
-    assert not trainer_module.has_dropout(model)
+    assert not has_dropout(model)
     trainer = VPPOTrainer(
         model=model,
         reward_funcs=length_reward,
@@ -563,7 +566,7 @@ def test_dropout_is_not_visual_dependency(tmp_path, overrides):
             r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"], init_lora_weights=False
         ),
     )
-    assert trainer_module.has_dropout(trainer.model)
+    assert has_dropout(trainer.model)
     trainer.train()
     dependencies = [log["vppo/dependency_mean"] for log in trainer.state.log_history if "vppo/dependency_mean" in log]
     assert dependencies and all(value == 0.0 for value in dependencies)

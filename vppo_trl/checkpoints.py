@@ -30,6 +30,8 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
+from .shared_state import SharedStateMixin
+
 logger = logging.get_logger(__name__)
 
 COMPLETE_MARKER = "vppo_checkpoint.json"
@@ -136,7 +138,7 @@ class _EpochStartCallback(TrainerCallback):
         self.trainer._epoch_sampler_state = generator.get_state() if generator is not None else None
 
 
-class ExactResumeMixin:
+class ExactResumeMixin(SharedStateMixin):
     """
     Exact, atomic checkpoints for [`~trl.GRPOTrainer`] subclasses.
 
@@ -148,7 +150,6 @@ class ExactResumeMixin:
         super().__init__(*args, **kwargs)
         self._train_sampler = None
         self._epoch_sampler_state: torch.Tensor | None = None
-        self._resumed_state: dict[str, Any] | None = None
         self.add_callback(_EpochStartCallback(self))
 
     # -- what goes into the checkpoint ----------------------------------------------------------------------------
@@ -216,11 +217,11 @@ class ExactResumeMixin:
                 raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
         if resume_from_checkpoint:
             resume_from_checkpoint = str(resume_from_checkpoint)
-            self._resumed_state = self._read_training_state(resume_from_checkpoint)
+            self.shared.resumed = self._read_training_state(resume_from_checkpoint)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            self._resumed_state = None
+            self.shared.resumed = None
 
     def _read_training_state(self, checkpoint: str) -> dict[str, Any] | None:
         if not os.path.isdir(checkpoint):
@@ -242,8 +243,8 @@ class ExactResumeMixin:
     def _get_train_sampler(self, *args, **kwargs):
         sampler = super()._get_train_sampler(*args, **kwargs)
         self._train_sampler = sampler
-        if self._resumed_state is not None and self._resumed_state["epoch_sampler_state"] is not None:
-            sampler.generator.set_state(self._resumed_state["epoch_sampler_state"])
+        if self.shared.resumed is not None and self.shared.resumed["epoch_sampler_state"] is not None:
+            sampler.generator.set_state(self.shared.resumed["epoch_sampler_state"])
         return sampler
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -259,5 +260,5 @@ class ExactResumeMixin:
     def _load_rng_state(self, checkpoint: str | None) -> None:
         # Called once when a resumed run reaches its first step: the place to restore the rest of the state too.
         super()._load_rng_state(checkpoint)
-        if checkpoint is not None and self._resumed_state is not None:
-            self._restore_training_state(self._resumed_state)
+        if checkpoint is not None and self.shared.resumed is not None:
+            self._restore_training_state(self.shared.resumed)

@@ -18,6 +18,7 @@ from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .batch_rows import concatenate_rows, select_rows
+from .shared_state import SharedStateMixin
 
 logger = logging.get_logger(__name__)
 
@@ -93,7 +94,7 @@ class _EpochProgressCallback(TrainerCallback):
             state.epoch = stream.epoch + stream.consumed / len(train_dataloader)
 
 
-class DynamicSamplingMixin:
+class DynamicSamplingMixin(SharedStateMixin):
     """
     Dynamic sampling for [`~trl.GRPOTrainer`] subclasses, on with `dynamic_sampling=True` in the config.
 
@@ -160,7 +161,7 @@ class DynamicSamplingMixin:
         if self.args.dynamic_sampling:
             if self._prompt_stream is None or self._prompt_stream.source is not epoch_iterator:
                 block = self.args.steps_per_generation * self.args.num_iterations
-                resumed = (self._resumed_state or {}).get("prompt_stream") if self._prompt_stream is None else None
+                resumed = (self.shared.resumed or {}).get("prompt_stream") if self._prompt_stream is None else None
                 if resumed is not None:
                     self._prompt_stream = PromptStream.resume(epoch_iterator, block, **resumed)
                     checkpoint, self._rng_checkpoint = self._rng_checkpoint, None

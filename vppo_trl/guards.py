@@ -4,8 +4,10 @@ import warnings
 
 import torch
 
+from .shared_state import SharedStateMixin
 
-class NonFiniteLossGuardMixin:
+
+class NonFiniteLossGuardMixin(SharedStateMixin):
     """
     Skips the optimizer step of a non-finite training loss, for [`~trl.GRPOTrainer`] subclasses.
 

@@ -24,6 +24,7 @@ from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 from .batch_rows import model_inputs, select_rows
 from .core import kl_token_dependency, token_dependency
 from .perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
+from .shared_state import SharedStateMixin
 
 logger = logging.get_logger(__name__)
 
@@ -41,7 +42,7 @@ UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
 KL_LOGITS_PER_CHUNK = 2**25
 
 
-class VisualDependencyPassesMixin:
+class VisualDependencyPassesMixin(SharedStateMixin):
     """The perturbed (and, where needed, original-image) forward passes of VPPO, for GRPOTrainer subclasses."""
 
     def __init__(self, *args, **kwargs):
@@ -103,7 +104,7 @@ class VisualDependencyPassesMixin:
                 "Qwen-VL patch rows (`image_grid_thw`) and plain [N, C, H, W] `pixel_values`."
             )
         measured_rows = rows
-        if self._forward_passes_must_match():
+        if self.shared.forward_passes_must_match:
             # Pad with repeats so that every process runs as many forward passes; the repeats are discarded.
             counts = self.accelerator.gather(torch.tensor([len(rows)], device=mask.device))
             target = int(counts.max())
@@ -157,9 +158,11 @@ class VisualDependencyPassesMixin:
         completions = index.tolist() if index is not None else list(range(count))
         num_images = batch.get("num_images") or [1] * count
         seeds = perturbation_seeds(
-            self.args.seed, self._perturbation_round, self.accelerator.process_index, completions, num_images
+            self.args.seed, self.shared.perturbation_round, self.accelerator.process_index, completions, num_images
         )
-        return perturb_batch_images(batch, self.args, self.pixel_layout, self.processing_class.image_processor, seeds)
+        return perturb_batch_images(
+            batch, self.args, self.shared.pixel_layout, self.processing_class.image_processor, seeds
+        )
 
     @staticmethod
     def _select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict:
@@ -191,7 +194,7 @@ class VisualDependencyPassesMixin:
         """k3 dependencies of `rows` (and, with `compute_entropy`, their original-image entropies)."""
         index = torch.tensor(rows, device=mask.device, dtype=torch.long)
         entropies = None
-        reuse = "old_per_token_logps" in batch and not self._has_dropout
+        reuse = "old_per_token_logps" in batch and not self.shared.has_dropout
         if reuse and (not compute_entropy or ENTROPIES_KEY in batch):
             # TRL already scored the batch with the generating policy: reuse it, one forward pass saved (TRL scores
             # in train mode, which only differs from eval mode with dropout). Its entropies too, when kept.
@@ -353,25 +356,6 @@ def check_vision_model(model: torch.nn.Module, processing_class: Any) -> None:
             f"VPPOTrainer needs a processor with an image processor to perturb images, got "
             f"{type(processing_class).__name__}. Pass the model's processor as `processing_class`."
         )
-
-
-def has_dropout(model: torch.nn.Module) -> bool:
-    """Whether a train-mode forward of `model` is random: a dropout layer (LoRA's included) or attention dropout."""
-    dropout_layers = (
-        torch.nn.Dropout,
-        torch.nn.Dropout1d,
-        torch.nn.Dropout2d,
-        torch.nn.Dropout3d,
-        torch.nn.AlphaDropout,
-        torch.nn.FeatureAlphaDropout,
-    )
-    for module in model.modules():
-        attention_dropout = getattr(module, "attention_dropout", None)  # a probability in transformers' attention
-        if (isinstance(module, dropout_layers) and module.p > 0) or (
-            isinstance(attention_dropout, float | int) and attention_dropout > 0
-        ):
-            return True
-    return False
 
 
 @contextlib.contextmanager

@@ -111,7 +111,7 @@ def capture_spotlight(
                 advantage_scale=scales[row].item(),
             )
         )
-    layout = trainer.pixel_layout
+    layout = trainer.shared.pixel_layout
     # The draw the dependencies were measured with (seeded by the completion's index, round and process), made again
     # for the one completion shown: no forward.
     shown = select_rows(batch, [first])
@@ -147,13 +147,13 @@ class SpotlightCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if (state.global_step + 1) % args.spotlight_steps == 0:
             self.pending = True
-        self.trainer.spotlight_capture = self.capture if self.pending and state.is_world_process_zero else None
+        self.trainer.shared.spotlight_capture = self.capture if self.pending and state.is_world_process_zero else None
 
     def on_step_end(self, args, state, control, **kwargs):
         snapshot, self.snapshot = self.snapshot, None
         if snapshot is None:
             return
-        self.pending, self.trainer.spotlight_capture = False, None
+        self.pending, self.trainer.shared.spotlight_capture = False, None
         step_dir = Path(args.output_dir) / "spotlight" / f"step-{state.global_step}"
         title = f"Token perception at step {state.global_step}"
         paths = write_spotlight(

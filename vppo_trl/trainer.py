@@ -27,7 +27,7 @@ from .dynamic_sampling import DynamicSamplingMixin
 from .guards import NonFiniteLossGuardMixin
 from .metrics import dependency_metrics, dependency_sums
 from .model_card import append_vppo_section
-from .passes import VisualDependencyPassesMixin, check_vision_model, has_dropout
+from .passes import VisualDependencyPassesMixin, check_vision_model
 from .perturbations import PixelLayout
 from .vision_sync import ImagelessProcessMixin
 
@@ -93,15 +93,10 @@ class VPPOTrainer(
             # whenever prompts of one batch differ in length (TRL sets "left" only when it loads the processor).
             logger.info("Setting the processor's padding_side to 'left', as GRPOTrainer's prompt layout requires.")
             tokenizer.padding_side = "left"
-        self.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
-        self._perturbation_round = 0
+        self.shared.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
         self._loss_inputs: dict[str, Any] | None = None  # the inputs of the loss being computed
         self._policy_logps: torch.Tensor | None = None
         self._warned_without_images = False
-        # With dropout, train-mode forwards are random: VPPO scores in eval mode and cannot reuse train-mode log-probs.
-        self._has_dropout = has_dropout(self.model)
-        # Set by SpotlightCallback on the steps it writes: called with what `_shape_advantages` measured.
-        self.spotlight_capture = None
         if args.spotlight_steps > 0:
             from .spotlight_callback import SpotlightCallback  # the viewer is loaded only when it is asked for
 
@@ -111,11 +106,11 @@ class VPPOTrainer(
             self._warn_without_images()
 
     def _training_state(self) -> dict[str, Any]:
-        return {**super()._training_state(), "perturbation_round": self._perturbation_round}
+        return {**super()._training_state(), "perturbation_round": self.shared.perturbation_round}
 
     def _restore_training_state(self, state: dict[str, Any]) -> None:
         super()._restore_training_state(state)
-        self._perturbation_round = state["perturbation_round"]
+        self.shared.perturbation_round = state["perturbation_round"]
 
     def _warn_without_images(self) -> None:
         if not self._warned_without_images:
@@ -153,7 +148,7 @@ class VPPOTrainer(
         perturbed pass runs here, and the advantages are rewritten in the loss, right after that forward.
         """
         args = self.args
-        self._perturbation_round += 1
+        self.shared.perturbation_round += 1
         mask = loss_mask(batch)
         advantages = batch["advantages"]
         num_images = batch.get("num_images")
@@ -169,7 +164,7 @@ class VPPOTrainer(
         if args.skip_zero_advantage:
             roles["measured"] = roles["shapeable"]
         rows = roles["measured"].nonzero().squeeze(-1).tolist()
-        run_pass = bool(rows) or self._forward_passes_must_match()
+        run_pass = bool(rows) or self.shared.forward_passes_must_match
         if self._defers_original_logps(batch):
             perturbed_logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
             if run_pass:
@@ -197,7 +192,7 @@ class VPPOTrainer(
         """
         return (
             self.args.dependency_estimator == "k3"
-            and not self._has_dropout
+            and not self.shared.has_dropout
             and "old_per_token_logps" not in batch
             and self.args.steps_per_generation == 1
             and self.num_iterations == 1
@@ -241,9 +236,9 @@ class VPPOTrainer(
             batch["advantages"] = shaped.unsqueeze(-1) * keep.to(shaped.dtype)
         else:
             batch["advantages"] = shaped
-        if self.spotlight_capture is not None:
+        if self.shared.spotlight_capture is not None:
             scales = all_scales[first : first + len(advantages)]
-            self.spotlight_capture(batch, dependency, mask, keep, measured, scales, advantages)
+            self.shared.spotlight_capture(batch, dependency, mask, keep, measured, scales, advantages)
         self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
 
     def _filter_tokens(
@@ -253,7 +248,7 @@ class VPPOTrainer(
         ratio, criterion = self.args.token_filter_ratio, self.args.token_filter_criterion
         if criterion == "random":
             # Own stream, seeded like the perturbation draws; drawn for the whole batch: skipping changes nothing.
-            seed = hash((self.args.seed, self._perturbation_round, self.accelerator.process_index, 1)) % (2**63)
+            seed = hash((self.args.seed, self.shared.perturbation_round, self.accelerator.process_index, 1)) % (2**63)
             return random_token_mask(mask, ratio, torch.Generator(device=mask.device).manual_seed(seed))
         if criterion == "entropy":
             if entropies is None:

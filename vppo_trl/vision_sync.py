@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from PIL import Image
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+from .shared_state import SharedStateMixin
 
 
 def _image_embeddings(output: Any) -> torch.Tensor:
@@ -90,7 +91,7 @@ class VisionTowerSync:
             handle.remove()
 
 
-class ImagelessProcessMixin:
+class ImagelessProcessMixin(SharedStateMixin):
     """
     Keeps a process whose whole batch is text-only in step with processes that have images, for GRPOTrainer
     subclasses: under ZeRO-3 or FSDP it runs the vision tower on a blank image ([`VisionTowerSync`]), and on any
@@ -101,7 +102,7 @@ class ImagelessProcessMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._vision_syncs = []
-        if not self._forward_passes_must_match():
+        if not self.shared.forward_passes_must_match:
             return
         for model in (self.model, self.ref_model):
             if model is None:
@@ -117,10 +118,6 @@ class ImagelessProcessMixin:
                 )
                 return
             self._vision_syncs.append(VisionTowerSync(backbone, self.processing_class.image_processor))
-
-    def _forward_passes_must_match(self) -> bool:
-        """Whether every process must run the same forward passes (sharded parameters are gathered collectively)."""
-        return self.accelerator.num_processes > 1 and (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         gather_images = self.log_multimodal and self.accelerator.num_processes > 1
