@@ -100,15 +100,11 @@ def test_nan_loss_on_one_process_leaves_the_full_weights_unchanged(tmp_path, bac
     for rank in range(2):
         logs = json.loads((tmp_path / f"run.rank{rank}.json").read_text())["logs"]
         assert [entry["vppo/nonfinite_loss_skipped"] for entry in logs] == [0.0, 1.0, 0.0]
-        # The linear schedule is held for one step: two of the three logged rates are equal (DeepSpeed's engine
-        # advances the schedule before the Trainer logs it, so there the repeat comes one step earlier).
-        rates = [entry["learning_rate"] for entry in logs]
-        assert len(set(rates)) == 2 and rates == sorted(rates, reverse=True), rates
 
 
 def test_nan_in_one_micro_batch_skips_its_whole_accumulated_step(tmp_path, monkeypatch):
     """The NaN micro-batch opens step 2; the finite one after it must not bring the step back."""
-    trainer = make_trainer(tmp_path, max_steps=3, gradient_accumulation_steps=2, lr_scheduler_type="linear")
+    trainer = make_trainer(tmp_path, max_steps=3, gradient_accumulation_steps=2)
     original = trainer_module.VPPOTrainer._compute_loss
     calls = {"count": 0}
 
@@ -138,4 +134,3 @@ def test_nan_in_one_micro_batch_skips_its_whole_accumulated_step(tmp_path, monke
             assert torch.equal(value, states[2][index][key]), (index, key)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["vppo/nonfinite_loss_skipped"] for entry in logs] == [0.0, 0.5, 0.0]
-    assert logs[2]["learning_rate"] == logs[1]["learning_rate"] < logs[0]["learning_rate"]

@@ -5,7 +5,6 @@ import warnings
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.scheduler import AcceleratedScheduler
 
 # Marks a `step` already wrapped by the guard.
 GUARDED_STEP = "_skips_nonfinite_loss_steps"
@@ -19,9 +18,10 @@ class NonFiniteLossGuardMixin:
     into NaN and the rest of a long run into waste. The optimizer step such a batch belongs to is skipped instead
     (the batch back-propagates a zero loss, or under DeepSpeed its own loss, whose gradients the step then drops),
     with a warning naming the step; the share of skipped losses is logged as `vppo/nonfinite_loss_skipped`. All
-    processes skip together when any of them sees a non-finite loss. The skipped step leaves the weights, the
-    optimizer's state and the learning-rate schedule as they were (only `global_step` counts it), with DDP, ZeRO-2 and
-    ZeRO-3 alike and whether the Trainer or DeepSpeed's config built the optimizer. After
+    processes skip together when any of them sees a non-finite loss. The skipped step leaves the weights and the
+    optimizer's state as they were, with DDP, ZeRO-2 and ZeRO-3 alike and whether the Trainer or DeepSpeed's config
+    built the optimizer. The learning-rate schedule advances with `global_step`, except where DeepSpeed notices the
+    non-finite gradients itself and skips the step as an overflow (ZeRO-2 and ZeRO-3 by default), which holds it. After
     `max_consecutive_nonfinite_steps` skipped losses in a row, training stops with an error; checkpoints already
     written are untouched.
     """
@@ -33,20 +33,17 @@ class NonFiniteLossGuardMixin:
         self._skipped_update_step: int | None = None
 
     def _skip_update_of_skipped_step(self) -> None:
-        """Make the optimizer and learning-rate scheduler that move the weights pass over `_skipped_update_step`."""
+        """Make the optimizer that updates the weights pass over `_skipped_update_step`."""
         if self.is_deepspeed_enabled:
             # The engine's ZeRO optimizer (fp32 master partitions, gradient buffers) wraps `basic_optimizer`: skipping
             # only its update lets ZeRO clear the step's gradients as usual and copy back unchanged master weights.
-            engine = self.model_wrapped
-            updaters = [engine.basic_optimizer, engine.lr_scheduler]
+            optimizer = self.model_wrapped.basic_optimizer
+        elif isinstance(self.optimizer, AcceleratedOptimizer):
+            optimizer = self.optimizer.optimizer
         else:
             optimizer = self.optimizer
-            updaters = [optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer]
-        scheduler = self.lr_scheduler
-        updaters.append(scheduler.scheduler if isinstance(scheduler, AcceleratedScheduler) else scheduler)
-        for updater in updaters:
-            if updater is not None and not getattr(updater.step, GUARDED_STEP, False):
-                updater.step = self._unless_skipped(updater.step)
+        if optimizer is not None and not getattr(optimizer.step, GUARDED_STEP, False):
+            optimizer.step = self._unless_skipped(optimizer.step)
 
     def _unless_skipped(self, step):
         @functools.wraps(step)  # keeps the mark a learning-rate scheduler puts on its optimizer's `step`

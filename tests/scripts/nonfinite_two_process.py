@@ -60,7 +60,6 @@ def main(output_path: str, overrides: dict) -> None:
         max_completion_length=4,
         max_steps=3,
         learning_rate=1e-3,
-        lr_scheduler_type="linear",
         report_to="none",
         use_cpu=True,
         bf16=False,
