@@ -1,8 +1,13 @@
-"""A training loss that is NaN or infinite is never back-propagated."""
+"""A training loss that is NaN or infinite never moves the weights."""
 
+import functools
 import warnings
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
+
+# Marks a `step` already wrapped by the guard.
+GUARDED_STEP = "_skips_nonfinite_loss_steps"
 
 from .shared_state import SharedStateMixin
 
@@ -11,11 +16,14 @@ class NonFiniteLossGuardMixin(SharedStateMixin):
     """
     Skips the optimizer step of a non-finite training loss, for [`~trl.GRPOTrainer`] subclasses.
 
-    fp16 overflow or a corrupt sample can make one batch's loss NaN; back-propagating it would turn every weight into
-    NaN and the rest of a long run into waste. Such a batch back-propagates a zero loss instead (through every
-    trainable parameter, so that distributed gradient hooks still fire) and the optimizer step it belongs to is
-    skipped, with a warning naming the step; the share of skipped losses is logged as
-    `vppo/nonfinite_loss_skipped`. All processes skip together when any of them sees a non-finite loss. After
+    fp16 overflow or a corrupt sample can make one batch's loss NaN; applying its gradient would turn every weight
+    into NaN and the rest of a long run into waste. The optimizer step such a batch belongs to is skipped instead
+    (the batch back-propagates a zero loss, or under DeepSpeed its own loss, whose gradients the step then drops),
+    with a warning naming the step; the share of skipped losses is logged as `vppo/nonfinite_loss_skipped`. All
+    processes skip together when any of them sees a non-finite loss. The skipped step leaves the weights and the
+    optimizer's state as they were, with DDP, ZeRO-2 and ZeRO-3 alike and whether the Trainer or DeepSpeed's config
+    built the optimizer. The learning-rate schedule advances with `global_step`, except where DeepSpeed notices the
+    non-finite gradients itself and skips the step as an overflow (ZeRO-2 and ZeRO-3 by default), which holds it. After
     `max_consecutive_nonfinite_steps` skipped losses in a row, training stops with an error; checkpoints already
     written are untouched.
     """
@@ -23,21 +31,33 @@ class NonFiniteLossGuardMixin(SharedStateMixin):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._consecutive_nonfinite_losses = 0
-        self._skip_optimizer_step = False
+        # The `global_step` (steps done so far) whose update is skipped; every micro-batch of that step shares it.
+        self._skipped_update_step: int | None = None
 
-    def create_optimizer(self, *args, **kwargs):
-        optimizer = super().create_optimizer(*args, **kwargs)
-        step = optimizer.step
+    def _skip_update_of_skipped_step(self) -> None:
+        """Make the optimizer that updates the weights pass over `_skipped_update_step`."""
+        if self.is_deepspeed_enabled:
+            # The engine's ZeRO optimizer (fp32 master partitions, gradient buffers) wraps `basic_optimizer`: skipping
+            # only its update lets ZeRO clear the step's gradients as usual and copy back unchanged master weights.
+            optimizer = self.model_wrapped.basic_optimizer
+        elif isinstance(self.optimizer, AcceleratedOptimizer):
+            optimizer = self.optimizer.optimizer
+        else:
+            optimizer = self.optimizer
+        if optimizer is not None and not getattr(optimizer.step, GUARDED_STEP, False):
+            optimizer.step = self._unless_skipped(optimizer.step)
 
-        def step_unless_skipped(*step_args, **step_kwargs):
-            # A zero gradient is not enough: Adam's moments would still move the weights.
-            if self._skip_optimizer_step:
-                self._skip_optimizer_step = False
+    def _unless_skipped(self, step):
+        @functools.wraps(step)  # keeps the mark a learning-rate scheduler puts on its optimizer's `step`
+        def step_unless_skipped(*args, **kwargs):
+            # A zero gradient is not enough: Adam's moments would still move the weights. ZeRO calls this once per
+            # parameter group, so the decision belongs to the training step, not to one call.
+            if self._skipped_update_step == self.state.global_step:
                 return None
-            return step(*step_args, **step_kwargs)
+            return step(*args, **kwargs)
 
-        optimizer.step = step_unless_skipped
-        return optimizer
+        setattr(step_unless_skipped, GUARDED_STEP, True)
+        return step_unless_skipped
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(
@@ -52,7 +72,8 @@ class NonFiniteLossGuardMixin(SharedStateMixin):
             self._consecutive_nonfinite_losses = 0
             return loss
         self._consecutive_nonfinite_losses += 1
-        self._skip_optimizer_step = True
+        self._skipped_update_step = self.state.global_step
+        self._skip_update_of_skipped_step()
         step = self.state.global_step + 1
         limit = self.args.max_consecutive_nonfinite_steps
         if self._consecutive_nonfinite_losses >= limit:
@@ -66,4 +87,9 @@ class NonFiniteLossGuardMixin(SharedStateMixin):
             f"optimizer step is skipped, {self._consecutive_nonfinite_losses} in a row.",
             stacklevel=2,
         )
+        if self.is_deepspeed_enabled:
+            # ZeRO-3 keeps only a shard of each parameter outside the forward pass, so gradients reach the parameters
+            # only through the forward's own graph: the loss goes back as it is and ZeRO drops the step's gradients.
+            return loss
+        # A zero loss through every trainable parameter, so that DDP's gradient hooks still fire.
         return sum(parameter.sum() for parameter in model.parameters() if parameter.requires_grad) * 0.0
