@@ -87,7 +87,10 @@ def test_nan_loss_on_one_process_leaves_the_full_weights_unchanged(tmp_path, bac
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     log = completed.stdout + completed.stderr
     assert completed.returncode == 0, log[-6000:]
-    assert "Step 2: the training loss is nan on at least one process; this optimizer step is skipped" in log
+    assert (
+        "Step 2: the training loss is NaN or infinite on 1 of 2 process(es) (here: nan); "
+        "this optimizer step is skipped" in log
+    )
 
     weights = {step: load_file(f"{output}.step{step}.safetensors") for step in (1, 2, 3)}
     assert weights[1].keys() == weights[2].keys() == weights[3].keys()
@@ -124,7 +127,9 @@ def test_nan_in_one_micro_batch_skips_its_whole_accumulated_step(tmp_path, monke
     snapshot = Snapshot()
     trainer.add_callback(snapshot)
     monkeypatch.setattr(trainer_module.VPPOTrainer, "_compute_loss", loss_nan_at_call_3)
-    with pytest.warns(UserWarning, match=r"Step 2: the training loss is nan"):
+    with pytest.warns(
+        UserWarning, match=r"Step 2: the training loss is NaN or infinite on 1 of 1 process\(es\) \(here: nan\)"
+    ):
         trainer.train()
     weights, states = snapshot.weights, snapshot.optimizer_states
     assert all(torch.equal(weights[1][name], weights[2][name]) for name in weights[1])

@@ -232,7 +232,11 @@ def test_nonfinite_loss_skips_the_step_then_stops_after_the_limit(tmp_path, monk
         return loss * math.nan if calls["count"] >= 2 else loss
 
     monkeypatch.setattr(trainer_module.VPPOTrainer, "_compute_loss", loss_nan_from_call_2)
-    with pytest.warns(UserWarning, match=r"Step 2: the training loss is nan .* optimizer step is skipped"):
+    with pytest.warns(
+        UserWarning,
+        match=r"Step 2: the training loss is NaN or infinite on 1 of 1 process\(es\) \(here: nan\); "
+        r"this optimizer step is skipped",
+    ):
         with pytest.raises(RuntimeError, match=r"Step 4: the training loss was NaN or infinite 3 times in a row"):
             trainer.train()
     # The skipped steps changed nothing and put no NaN anywhere; the checkpoints written before are intact.

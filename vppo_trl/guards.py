@@ -6,10 +6,10 @@ import warnings
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
+from .shared_state import SharedStateMixin
+
 # Marks a `step` already wrapped by the guard.
 GUARDED_STEP = "_skips_nonfinite_loss_steps"
-
-from .shared_state import SharedStateMixin
 
 
 class NonFiniteLossGuardMixin(SharedStateMixin):
@@ -65,8 +65,9 @@ class NonFiniteLossGuardMixin(SharedStateMixin):
         )
         if not self.model.training:
             return loss
-        nonfinite = (~torch.isfinite(loss.detach())).any().float()
-        nonfinite = bool(self.accelerator.reduce(nonfinite, reduction="sum") > 0)
+        local_nonfinite = (~torch.isfinite(loss.detach())).any().float()
+        processes = int(self.accelerator.reduce(local_nonfinite, reduction="sum").item())
+        nonfinite = processes > 0
         self._metrics["train"]["vppo/nonfinite_loss_skipped"].append(float(nonfinite))
         if not nonfinite:
             self._consecutive_nonfinite_losses = 0
@@ -83,8 +84,9 @@ class NonFiniteLossGuardMixin(SharedStateMixin):
                 "kept. Likely causes: a learning rate too high, fp16 overflow (use bf16), or corrupt data."
             )
         warnings.warn(
-            f"Step {step}: the training loss is {loss.detach().float().sum().item()} on at least one process; this "
-            f"optimizer step is skipped, {self._consecutive_nonfinite_losses} in a row.",
+            f"Step {step}: the training loss is NaN or infinite on {processes} of {self.accelerator.num_processes} "
+            f"process(es) (here: {loss.detach().float().sum().item()}); this optimizer step is skipped on all of "
+            f"them, {self._consecutive_nonfinite_losses} in a row.",
             stacklevel=2,
         )
         if self.is_deepspeed_enabled:
