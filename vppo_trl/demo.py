@@ -523,8 +523,8 @@ def train_policy(method: str, args: DemoArguments, start: WarmStart, output_dir:
         config = VPPOConfig(**settings, dependency_estimator=args.estimator, perturbation=args.perturbation)
         trainer_class = VPPOTrainer
     else:
-        # VPPOTrainer with TGF and TAS off is GRPO: it keeps dynamic sampling and the settings above, but no
-        # perturbed pass or dependency-based shaping runs.
+        # VPPOTrainer with TGF and TAS off is GRPO (VPPOConfig's docstring), with the same dynamic sampling and
+        # settings; its perturbed pass still runs, for the dependency metrics only.
         config = VPPOConfig(**settings, token_filter_ratio=1.0, advantage_shaping=False)
         trainer_class = VPPOTrainer
     # Fresh images for every prompt the run can draw, dynamic sampling's extra ones included.
