@@ -162,6 +162,17 @@ def test_cpu_demo_recipe():
     assert args.report_to == []
 
 
+def test_cpu_demo_recipe_header_names_the_command_that_builds_its_inputs():
+    from vppo_trl.testing import TINY_DATASET_FILE, TINY_MODEL_DIR
+
+    header = "".join(takewhile(lambda line: line.startswith("#"), (RECIPES / "cpu_demo.yaml").open()))
+    assert "#   vppo-trl tiny --output-dir .\n" in header and "python -" not in header
+    script_args, _, model_args = parse(RECIPES / "cpu_demo.yaml")
+    # What `vppo-trl tiny --output-dir .` writes is what the recipe reads
+    assert model_args.model_name_or_path == f"./{TINY_MODEL_DIR}"
+    assert script_args.dataset_name == f"./{TINY_DATASET_FILE}"
+
+
 @pytest.mark.parametrize(
     "name, distributed_type, num_processes, zero_stage",
     [

@@ -311,3 +311,32 @@ def test_grpo_trainer_runs(family, tmp_path):
     # the vision tower got gradients through the training forward pass
     changed = [name for name, p in visual.named_parameters() if not torch.equal(p.detach(), before[name])]
     assert changed
+
+
+def test_vppo_trl_tiny_writes_the_cpu_recipes_model_and_data(tmp_path, capsys):
+    from datasets import Dataset
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vppo_trl.cli import main
+
+    main(["tiny", "--output-dir", str(tmp_path), "--num-rows", "12"])
+    assert f"Wrote {tmp_path / 'tiny-qwen2.5-vl'}/ and {tmp_path / 'tiny-colour.parquet'} (12 rows)." in (
+        capsys.readouterr().out
+    )
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "tiny-qwen2.5-vl")
+    processor = AutoProcessor.from_pretrained(tmp_path / "tiny-qwen2.5-vl")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    for colour in COLOURS:  # every colour word is one token, as `colour_reward` and the demo expect
+        assert len(processor.tokenizer.encode(" " + colour)) == 1
+    data = Dataset.from_parquet(str(tmp_path / "tiny-colour.parquet"))
+    assert data.column_names == ["problem", "images", "answer"] and len(data) == 12
+    assert set(data["problem"]) == {COLOUR_QUESTION} and set(data["answer"]) <= set(COLOURS)
+
+
+def test_vppo_trl_tiny_refuses_an_empty_dataset(tmp_path, capsys):
+    from vppo_trl.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tiny", "--output-dir", str(tmp_path), "--num-rows", "0"])
+    assert "--num-rows must be >= 1, got 0" in capsys.readouterr().err

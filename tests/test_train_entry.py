@@ -32,13 +32,12 @@ HUB_DATASET = "tiny-org/ViRL-mini"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """The model and data of recipes/cpu_demo.yaml, made by the snippet in its header, as a user would."""
+    """The model and data of recipes/cpu_demo.yaml, made by the command in its header, as a user would."""
     folder = tmp_path_factory.mktemp("workspace")
-    snippet = CPU_DEMO.read_text().split("python - <<'PY'\n")[1].split("#   PY\n")[0]
-    code = "\n".join(line.removeprefix("#   ") for line in snippet.splitlines())
+    command = CPU_DEMO.read_text().split("#   vppo-trl ", 1)[1].split("\n", 1)[0].split()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        exec(compile(code, str(CPU_DEMO), "exec"), {})
+        cli.main(command)
     return folder
 
 

@@ -1,5 +1,6 @@
-"""The `vppo-trl` command: `vppo-trl train --config <recipe>.yaml [overrides...]`, `vppo-trl demo [...]` and
-`vppo-trl spotlight --model ... --image ... --prompt ...` and `vppo-trl eval --model ... --benchmarks ...`."""
+"""The `vppo-trl` command: `vppo-trl train --config <recipe>.yaml [overrides...]`, `vppo-trl demo [...]`,
+`vppo-trl spotlight --model ... --image ... --prompt ...`, `vppo-trl eval --model ... --benchmarks ...` and
+`vppo-trl tiny --output-dir .` (the model and data of recipes/cpu_demo.yaml)."""
 
 import argparse
 import sys
@@ -9,6 +10,7 @@ COMMANDS = {
     "demo": "Run the CPU demo: a tiny vision-language model learns a visual task with VPPO.",
     "spotlight": "Show which tokens of a model's answer depend on the image (chart, HTML, JSON).",
     "eval": "Evaluate like the paper (avg@k on its benchmarks), regrade, or compare runs (`eval compare`).",
+    "tiny": "Write the tiny Qwen2.5-VL and colour dataset that recipes/cpu_demo.yaml trains on (built locally).",
 }
 
 
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         from .eval import main as eval_main
 
         eval_main(rest)
+    elif args.command == "tiny":
+        from .testing import tiny_main
+
+        tiny_main(rest, prog="vppo-trl tiny")
     else:
         from .spotlight import main as spotlight_main
 

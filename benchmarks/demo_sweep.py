@@ -1,0 +1,190 @@
+"""VPPO next to GRPO on the CPU demo, over seeds: `python benchmarks/demo_sweep.py --seeds 0-9`.
+
+For each seed it builds the demo's warm start once (`vppo_trl.demo`), trains VPPO and GRPO from it with the same
+settings, data and seed (GRPO is `VPPOTrainer` with TGF and TAS off, so both have dynamic sampling), and records per
+run: learned or not (the demo's verdict), the first step at which the 20-step mean reward reaches 0.8, the held-out
+greedy accuracy and the training time. It then prints the table and the paired summary: runs learned, the median
+step, and the mean paired difference in steps (GRPO minus VPPO) with a bootstrap 95% interval over seeds. A run that
+never reaches 0.8 counts as `steps + 1` in the steps statistics (censored: the difference is then a lower bound).
+
+Writes `<output-dir>/seed<N>.json` per seed (a seed whose file exists is not run again), `results.json` and
+`results.md` (the table, as in the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vppo_trl import demo  # noqa: E402
+
+METHODS = ("vppo", "grpo")
+
+
+@dataclass
+class SweepArguments:
+    """Flags of the demo sweep; the training settings default to the demo's own."""
+
+    seeds: str = field(default="0-9", metadata={"help": "Seeds: a range `0-9`, a list `0,3,5` or both `0-2,7`."})
+    steps: int = field(default=demo.DemoArguments.steps, metadata={"help": "RL steps of every run."})
+    warm_start_steps: int = field(
+        default=demo.DemoArguments.warm_start_steps, metadata={"help": "Supervised warm-start steps per seed."}
+    )
+    output_dir: str = field(default="runs/demo_sweep", metadata={"help": "Where the per-seed results are written."})
+    spotlight: bool = field(
+        default=True, metadata={"help": "Write the token perception of each VPPO model (seed<N>/spotlight/)."}
+    )
+    workers: int = field(default=1, metadata={"help": "Seeds trained in parallel (one process each)."})
+    bootstrap_samples: int = field(default=10_000, metadata={"help": "Resamples of the bootstrap interval."})
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"--seeds: {part!r} is not a seed or a range like 0-9")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return list(dict.fromkeys(seeds))
+
+
+def run_seed(args: SweepArguments, seed: int) -> dict[str, Any]:
+    """Warm start, then every method from it; the result is also written to `seed<N>.json`."""
+    folder = Path(args.output_dir) / f"seed{seed}"
+    settings = demo.DemoArguments(
+        steps=args.steps, warm_start_steps=args.warm_start_steps, seed=seed, output_dir=str(folder), spotlight=False
+    )
+    with demo.quiet_libraries():
+        start = demo.build_warm_start(settings, folder / "warm_start")
+        result = {"seed": seed, "warm_start_accuracy": start.accuracy, "runs": {}}
+        for method in METHODS:
+            trainer, summary = demo.timed_training(method, settings, start, folder / method, verbose=False)
+            result["runs"][method] = summary
+            if method == "vppo" and args.spotlight:
+                demo.spotlight_trained_model(trainer.model, start.processor, settings, trainer.state.global_step)
+    (Path(args.output_dir) / f"seed{seed}.json").write_text(json.dumps(result, indent=2) + "\n")
+    runs = result["runs"]
+    print(f"seed {seed}: " + "; ".join(f"{m} {row_text(runs[m])}" for m in METHODS), flush=True)
+    return result
+
+
+def row_text(run: dict[str, Any]) -> str:
+    step = run["step_reaching_0.8"]
+    return (
+        f"{'learned' if run['learned'] else 'not learned'}, 0.8 at {step if step else 'never'}, "
+        f"accuracy {run['greedy_accuracy_after']:.2f}"
+    )
+
+
+def censored_steps(run: dict[str, Any], steps: int) -> int:
+    return run["step_reaching_0.8"] or steps + 1
+
+
+def bootstrap_interval(values: list[float], samples: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values`."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(samples))
+    return means[int(0.025 * samples)], means[min(samples - 1, int(0.975 * samples))]
+
+
+def summarise(results: list[dict[str, Any]], args: SweepArguments) -> dict[str, Any]:
+    summary: dict[str, Any] = {"seeds": [r["seed"] for r in results], "steps": args.steps}
+    for method in METHODS:
+        runs = [r["runs"][method] for r in results]
+        summary[method] = {
+            "learned": sum(run["learned"] for run in runs),
+            "median_step_reaching_0.8": statistics.median(censored_steps(run, args.steps) for run in runs),
+            "median_accuracy": statistics.median(run["greedy_accuracy_after"] for run in runs),
+            "median_train_seconds": statistics.median(run["train_seconds"] for run in runs),
+        }
+    differences = [
+        censored_steps(r["runs"]["grpo"], args.steps) - censored_steps(r["runs"]["vppo"], args.steps) for r in results
+    ]
+    low, high = bootstrap_interval(differences, args.bootstrap_samples)
+    summary["steps_difference_grpo_minus_vppo"] = {
+        "per_seed": differences,
+        "mean": statistics.fmean(differences),
+        "bootstrap_95": [low, high],
+    }
+    return summary
+
+
+def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    never = f"never (> {summary['steps']})"
+    lines = [
+        "| seed | method | learned | step the 20-step mean reward reaches 0.8 | held-out greedy accuracy | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for method in METHODS:
+            run = result["runs"][method]
+            lines.append(
+                f"| {result['seed']} | {method.upper()} | {'yes' if run['learned'] else 'no'} | "
+                f"{run['step_reaching_0.8'] or never} | {run['greedy_accuracy_after']:.2f} | "
+                f"{run['train_seconds']:.0f} |"
+            )
+    difference = summary["steps_difference_grpo_minus_vppo"]
+    lines.append("")
+    for method in METHODS:
+        part = summary[method]
+        lines.append(
+            f"- {method.upper()}: {part['learned']} of {len(results)} seeds learned; median step reaching 0.8 "
+            f"{part['median_step_reaching_0.8']:g}, median held-out accuracy {part['median_accuracy']:.2f}, median "
+            f"training {part['median_train_seconds']:.0f} s."
+        )
+    lines.append(
+        f"- Steps to 0.8, GRPO minus VPPO, paired by seed: mean {difference['mean']:+.1f} (bootstrap 95% interval "
+        f"{difference['bootstrap_95'][0]:+.1f} to {difference['bootstrap_95'][1]:+.1f}); per seed "
+        f"{', '.join(f'{d:+d}' for d in difference['per_seed'])}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        SweepArguments, prog="python benchmarks/demo_sweep.py", description=__doc__.split("\n")[0]
+    )
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as error:
+        parser.error(str(error))
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    done = {seed: json.loads((output_dir / f"seed{seed}.json").read_text()) for seed in seeds
+            if (output_dir / f"seed{seed}.json").is_file()}  # fmt: skip
+    todo = [seed for seed in seeds if seed not in done]
+    print(f"Demo sweep: seeds {seeds} ({len(done)} already done), {args.steps} RL steps, methods {METHODS}.")
+    if args.workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(args.workers) as pool:
+            for result in pool.map(run_seed, [args] * len(todo), todo):
+                done[result["seed"]] = result
+    else:
+        for seed in todo:
+            done[seed] = run_seed(args, seed)
+    results = [done[seed] for seed in seeds]
+    summary = summarise(results, args)
+    table = markdown(results, summary)
+    (output_dir / "results.json").write_text(
+        json.dumps({"arguments": dataclasses.asdict(args), "summary": summary, "results": results}, indent=2) + "\n"
+    )
+    (output_dir / "results.md").write_text(table)
+    print(table + f"Sweep {time.perf_counter() - began:.0f} s. Results: {output_dir / 'results.md'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
