@@ -98,7 +98,7 @@ class DemoArguments:
     """Flags of the CPU demo (`python -m vppo_trl.demo --help`)."""
 
     steps: int = field(
-        default=80, metadata={"help": "Most RL optimizer steps (8 prompts x 8 completions each); see --stop-reward."}
+        default=150, metadata={"help": "Most RL optimizer steps (8 prompts x 8 completions each); see --stop-reward."}
     )
     warm_start_steps: int = field(
         default=200, metadata={"help": "Supervised warm-start steps (perception in another phrasing, answer format)."}
