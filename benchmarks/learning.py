@@ -11,7 +11,10 @@ with five methods that differ only in VPPO's switches, from the same warm start,
 | `tas_only` | `token_filter_ratio=1.0`                                         |
 | `random`   | `token_filter_criterion="random"`: VPPO with a random 40% mask   |
 
-(`entropy`, VPPO with `token_filter_criterion="entropy"`, can be added with `--methods`.)
+Three more can be added with `--methods`: `entropy` (VPPO with `token_filter_criterion="entropy"`), `vppo_guard`
+(VPPO with `cold_start_guard=True`) and `vppo_official_tas` (VPPO whose TAS statistics include the zero-advantage
+completions, as the official code's do; `skip_zero_advantage=False` so that they are measured). The summary pairs
+methods by seed (`PAIRS`): the per-seed differences in final reward and their 95% bootstrap interval.
 
 Two tasks, both the demo's "What colour is the shape?" with a fresh image per prompt:
 
@@ -355,9 +358,11 @@ def summarise(results: list[dict[str, Any]], window: int, threshold: float) -> d
                 if all(value is not None for value in values):
                     entry[f"{name}_last{window}"] = spread(values)
                     entry[f"{name}_all"] = spread(first)
+            # Over the runs that had such a step at all.
             open_kept = [colour_kept_where_dependencies_carry_signal(r["log"]) for r in runs]
-            if all(value is not None for value in open_kept):
-                entry["colour_kept_open"] = spread(open_kept)
+            if any(value is not None for value in open_kept):
+                entry["colour_kept_open"] = spread([value for value in open_kept if value is not None])
+                entry["colour_kept_open_runs"] = sum(value is not None for value in open_kept)
             first_window = [metric_mean(r["log"][:window], "vppo/guard_openness") for r in runs]
             if all(value is not None for value in first_window):
                 entry[f"guard_openness_first{window}"] = spread(first_window)
@@ -388,6 +393,11 @@ def format_table(summary: dict[str, Any], window: int, threshold: float) -> str:
             kept_all, kept_last = entry.get("colour_kept_all"), entry.get(f"colour_kept_last{window}")
             kept = "all" if kept_all is None else f"{cell(kept_all)} / {cell(kept_last)}"
             tokens = "all" if entry.get("tokens_kept_all") is None else cell(entry["tokens_kept_all"])
+            open_kept = "-"
+            if entry.get("colour_kept_open") is not None:
+                open_kept = (
+                    f"{cell(entry['colour_kept_open'])}, {entry['colour_kept_open_runs']}/{len(entry['seeds'])} runs"
+                )
             guard = "-"
             if entry.get("guard_openness_all") is not None:
                 guard = " / ".join(
@@ -397,7 +407,7 @@ def format_table(summary: dict[str, Any], window: int, threshold: float) -> str:
             lines.append(
                 f"| {method} | {cell(entry['final_reward'])} | {steps_cell} | "
                 f"{entry['reached']}/{len(entry['seeds'])} | {kept} | {tokens} | "
-                f"{cell(entry.get('colour_kept_open'))} | {guard} |"
+                f"{open_kept} | {guard} |"
             )
         lines.append("")
     return "\n".join(lines)
