@@ -11,7 +11,10 @@ with five methods that differ only in VPPO's switches, from the same warm start,
 | `tas_only` | `token_filter_ratio=1.0`                                         |
 | `random`   | `token_filter_criterion="random"`: VPPO with a random 40% mask   |
 
-(`entropy`, VPPO with `token_filter_criterion="entropy"`, can be added with `--methods`.)
+Three more can be added with `--methods`: `entropy` (VPPO with `token_filter_criterion="entropy"`), `vppo_guard`
+(VPPO with `cold_start_guard=True`) and `vppo_official_tas` (VPPO whose TAS statistics include the zero-advantage
+completions, as the official code's do; `skip_zero_advantage=False` so that they are measured). The summary pairs
+methods by seed (`PAIRS`): the per-seed differences in final reward and their 95% bootstrap interval.
 
 Two tasks, both the demo's "What colour is the shape?" with a fresh image per prompt:
 
@@ -68,7 +71,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "tas_only": {"token_filter_ratio": 1.0},
     "random": {"token_filter_criterion": "random"},
     "entropy": {"token_filter_criterion": "entropy"},
+    "vppo_guard": {"cold_start_guard": True},
+    "vppo_official_tas": {"skip_zero_advantage": False},
 }
+# Methods whose TAS statistics include the zero-advantage completions, as the official code's (see RecordingTrainer).
+OFFICIAL_TAS_METHODS = ("vppo_official_tas",)
+# Paired comparisons of the final reward, (method, baseline), per seed; reported where both methods ran.
+PAIRS = (("vppo", "grpo"), ("vppo_guard", "grpo"), ("vppo_guard", "vppo"), ("vppo_official_tas", "vppo"))
+BOOTSTRAP_RESAMPLES = 10_000
 DEFAULT_METHODS = ("grpo", "vppo", "tgf_only", "tas_only", "random")
 TASKS = ("colour", "filler")
 FILLERS = ("so", "the", "answer", "is", "now", "well", "yes", "okay")
@@ -131,9 +141,14 @@ def make_recording_trainer_class():
         """VPPOTrainer that also logs where the colour token is and what TGF does with it (metrics only)."""
 
         colour_ids: torch.Tensor
+        official_tas_statistics = False
 
         def _shape_advantages(self, batch, dependency, measured, shapeable, with_image, entropies=None):
-            super()._shape_advantages(batch, dependency, measured, shapeable, with_image, entropies=entropies)
+            # The official code's TAS statistics: per process and micro-batch (here both are the whole generation
+            # batch: one process, steps_per_generation 1) and over every completion, zero advantages included (all
+            # measured, as skip_zero_advantage is off). Zero-advantage completions keep their zero advantage.
+            statistics_rows = measured if self.official_tas_statistics else shapeable
+            super()._shape_advantages(batch, dependency, measured, statistics_rows, with_image, entropies=entropies)
             mask = loss_mask(batch).bool()
             colour = torch.isin(batch["completion_ids"], self.colour_ids.to(mask.device)) & mask
             # The first colour word is the one the reward reads; later ones (rare) count as other tokens.
@@ -216,6 +231,7 @@ def train_one(
         processing_class=processor,
         optimizers=(optimizer, None),
     )
+    trainer.official_tas_statistics = method in OFFICIAL_TAS_METHODS
     tokenizer = processor.tokenizer
     trainer.colour_ids = torch.tensor(
         [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))[0] for c in COLOURS for text in (c, " " + c)]
@@ -226,7 +242,7 @@ def train_one(
     trainer.train()
     seconds = time.perf_counter() - start
     keys = ("reward", "vppo/token_fraction", "vppo/dependency_selected_mean", "vppo/dependency_rejected_mean")
-    keys += ("vppo/advantage_scale_max",)
+    keys += ("vppo/advantage_scale_max", "vppo/guard_openness", "vppo/guard_dependency", "vppo/guard_filter_ratio")
     keys += ("learning/colour_dependency", "learning/other_dependency", "learning/colour_kept", "learning/tokens_kept")
     log = [{key: entry.get(key) for key in ("step", *keys)} for entry in demo.step_logs(trainer.state.log_history)]
     result = {"task": task, "method": method, "seed": seed, "steps": steps, "train_seconds": seconds, "log": log}
@@ -261,6 +277,56 @@ def metric_mean(log: list[dict], key: str, last: int | None = None) -> float | N
     return statistics.fmean(values) if values else None
 
 
+def paired_bootstrap(differences: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Mean of per-seed paired differences and its 95% percentile bootstrap interval (seeds resampled)."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(differences, k=len(differences))) for _ in range(resamples))
+    return {
+        "mean": statistics.fmean(differences),
+        "low": means[int(0.025 * resamples)],
+        "high": means[int(0.975 * resamples) - 1],
+        "wins": sum(d > 0 for d in differences),
+        "losses": sum(d < 0 for d in differences),
+        "seeds": len(differences),
+        "differences": differences,
+    }
+
+
+def paired_differences(results: list[dict[str, Any]], window: int) -> dict[str, Any]:
+    """Per task, for each pair of `PAIRS` that ran: final-reward differences paired by seed, bootstrap intervals."""
+    final = {
+        (r["task"], r["method"], r["seed"]): statistics.fmean(row["reward"] for row in r["log"][-window:])
+        for r in results
+    }
+    paired: dict[str, Any] = {}
+    for task in sorted({r["task"] for r in results}, key=TASKS.index):
+        for method, baseline in PAIRS:
+            seeds = sorted(
+                seed for t, m, seed in final if t == task and m == method and (task, baseline, seed) in final
+            )
+            if len(seeds) >= 2:
+                differences = [final[task, method, seed] - final[task, baseline, seed] for seed in seeds]
+                paired.setdefault(task, {})[f"{method} - {baseline}"] = paired_bootstrap(differences)
+    return paired
+
+
+def colour_kept_where_dependencies_carry_signal(log: list[dict]) -> float | None:
+    """
+    TGF's colour-token share over the steps whose guard statistic (the kept tokens' mean dependency at the configured
+    ratio) reaches `cold_start_guard_full`, where the guard is fully open. VPPO without the guard logs the same
+    statistic as `vppo/dependency_selected_mean`. None for a method without TGF or a run without such a step.
+    """
+    from vppo_trl.config import VPPOConfig
+
+    full = VPPOConfig.__dataclass_fields__["cold_start_guard_full"].default
+    values = []
+    for row in log:
+        statistic = row.get("vppo/guard_dependency", row.get("vppo/dependency_selected_mean"))
+        if statistic is not None and statistic >= full and row.get("learning/colour_kept") is not None:
+            values.append(row["learning/colour_kept"])
+    return statistics.fmean(values) if values else None
+
+
 def summarise(results: list[dict[str, Any]], window: int, threshold: float) -> dict[str, Any]:
     """Per task and method, over seeds: steps to threshold, final reward, TGF's colour-token share and dependencies."""
     summary: dict[str, Any] = {}
@@ -284,12 +350,22 @@ def summarise(results: list[dict[str, Any]], window: int, threshold: float) -> d
                 ("learning/tokens_kept", "tokens_kept"),
                 ("learning/colour_dependency", "colour_dependency"),
                 ("learning/other_dependency", "other_dependency"),
+                ("vppo/guard_openness", "guard_openness"),
+                ("vppo/advantage_scale_max", "advantage_scale_max"),
             ):
                 first = [metric_mean(r["log"], key, None) for r in runs]
                 values = [metric_mean(r["log"], key, window) for r in runs]
                 if all(value is not None for value in values):
                     entry[f"{name}_last{window}"] = spread(values)
                     entry[f"{name}_all"] = spread(first)
+            # Over the runs that had such a step at all.
+            open_kept = [colour_kept_where_dependencies_carry_signal(r["log"]) for r in runs]
+            if any(value is not None for value in open_kept):
+                entry["colour_kept_open"] = spread([value for value in open_kept if value is not None])
+                entry["colour_kept_open_runs"] = sum(value is not None for value in open_kept)
+            first_window = [metric_mean(r["log"][:window], "vppo/guard_openness") for r in runs]
+            if all(value is not None for value in first_window):
+                entry[f"guard_openness_first{window}"] = spread(first_window)
             summary[task][method] = entry
     return summary
 
@@ -306,8 +382,10 @@ def format_table(summary: dict[str, Any], window: int, threshold: float) -> str:
             f"#### Task `{task}`",
             "",
             f"| method | final reward (last {window} steps) | steps to avg{window} >= {threshold} | reached | "
-            f"colour token kept by TGF (all steps / last {window}) | tokens kept |",
-            "|---|---|---|---|---|---|",
+            f"colour token kept by TGF (all steps / last {window}) | tokens kept | "
+            "colour token kept where the guard statistic >= full | "
+            f"guard openness (first {window} / all / last {window}) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for method, entry in methods.items():
             steps = entry.get("steps_to_threshold_reached")
@@ -315,27 +393,58 @@ def format_table(summary: dict[str, Any], window: int, threshold: float) -> str:
             kept_all, kept_last = entry.get("colour_kept_all"), entry.get(f"colour_kept_last{window}")
             kept = "all" if kept_all is None else f"{cell(kept_all)} / {cell(kept_last)}"
             tokens = "all" if entry.get("tokens_kept_all") is None else cell(entry["tokens_kept_all"])
+            open_kept = "-"
+            if entry.get("colour_kept_open") is not None:
+                open_kept = (
+                    f"{cell(entry['colour_kept_open'])}, {entry['colour_kept_open_runs']}/{len(entry['seeds'])} runs"
+                )
+            guard = "-"
+            if entry.get("guard_openness_all") is not None:
+                guard = " / ".join(
+                    cell(entry[key])
+                    for key in (f"guard_openness_first{window}", "guard_openness_all", f"guard_openness_last{window}")
+                )
             lines.append(
                 f"| {method} | {cell(entry['final_reward'])} | {steps_cell} | "
-                f"{entry['reached']}/{len(entry['seeds'])} | {kept} | {tokens} |"
+                f"{entry['reached']}/{len(entry['seeds'])} | {kept} | {tokens} | "
+                f"{open_kept} | {guard} |"
             )
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], window: int, threshold: float, path: Path) -> None:
-    """Mean (over seeds) moving-average reward per method and task, the seeds' min-max band, TGF's colour share."""
-    import matplotlib
+def format_paired_table(paired: dict[str, Any], window: int) -> str:
+    lines = [
+        f"#### Paired by seed: difference in final reward (last {window} steps)",
+        "",
+        "| task | comparison | mean difference | 95% bootstrap interval | seeds better / worse / tied |",
+        "|---|---|---|---|---|",
+    ]
+    for task, comparisons in paired.items():
+        for name, stats in comparisons.items():
+            tied = stats["seeds"] - stats["wins"] - stats["losses"]
+            lines.append(
+                f"| {task} | {name} | {stats['mean']:+.3f} | [{stats['low']:+.3f}, {stats['high']:+.3f}] | "
+                f"{stats['wins']} / {stats['losses']} / {tied} |"
+            )
+    return "\n".join(lines) + "\n"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot(results: list[dict[str, Any]], window: int, threshold: float, path: Path) -> None:
+    """
+    Per task: the mean (over seeds) moving-average reward per method with the seeds' min-max band, TGF's colour share,
+    and the cold-start guard's openness.
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
 
     tasks = sorted({r["task"] for r in results}, key=TASKS.index)
     methods = sorted({r["method"] for r in results}, key=list(METHODS).index)
-    colours = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))
-    figure, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 8), squeeze=False, height_ratios=(3, 2))
+    colours = dict(zip(methods, matplotlib.colormaps["tab10"].colors, strict=False))
+    figure = Figure(figsize=(6.5 * len(tasks), 10.5))
+    axes = figure.subplots(3, len(tasks), squeeze=False, height_ratios=(3, 2, 2))
     for column, task in enumerate(tasks):
-        top, bottom = axes[0, column], axes[1, column]
+        top, bottom, guard = axes[0, column], axes[1, column], axes[2, column]
         for method in methods:
             runs = [r for r in results if r["task"] == task and r["method"] == method]
             if not runs:
@@ -355,6 +464,14 @@ def plot(results: list[dict[str, Any]], window: int, threshold: float, path: Pat
                     values = [v for series in kept for v in series[max(0, i + 1 - window) : i + 1] if v is not None]
                     smoothed.append(statistics.fmean(values) if values else math.nan)
                 bottom.plot(steps, smoothed, color=colours[method], linewidth=1.5, label=method)
+            openness = [[row.get("vppo/guard_openness") for row in r["log"]] for r in runs]
+            if all(value is not None for series in openness for value in series[:length]):
+                curves = [moving_average(series[:length], window) for series in openness]
+                mean = [statistics.fmean(curve[i] for curve in curves) for i in range(length)]
+                low = [min(curve[i] for curve in curves) for i in range(length)]
+                high = [max(curve[i] for curve in curves) for i in range(length)]
+                guard.plot(steps, mean, color=colours[method], linewidth=1.5, label=method)
+                guard.fill_between(steps, low, high, color=colours[method], alpha=0.12)
         top.axhline(0.25, color="grey", linestyle="--", linewidth=1, label="chance")
         top.axhline(threshold, color="grey", linestyle=":", linewidth=1, label="threshold")
         top.set_ylim(-0.02, 1.02)
@@ -363,12 +480,15 @@ def plot(results: list[dict[str, Any]], window: int, threshold: float, path: Pat
         top.legend(loc="upper left", fontsize=8)
         bottom.set_ylim(-0.02, 1.02)
         bottom.set_ylabel("share of colour tokens TGF keeps")
-        bottom.set_xlabel("step")
         if bottom.lines:
             bottom.legend(loc="lower right", fontsize=8)
+        guard.set_ylim(-0.02, 1.02)
+        guard.set_ylabel(f"guard openness ({window}-step mean)")
+        guard.set_xlabel("step")
+        if guard.lines:
+            guard.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -389,6 +509,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=2, help="Runs trained in parallel, one process each.")
     parser.add_argument("--output-dir", type=Path, default=Path("learning_output"))
+    parser.add_argument(
+        "--reuse-warm-starts",
+        action="store_true",
+        help="Train from the warm starts already in --output-dir (an earlier call's, same settings) where they exist.",
+    )
     parser.add_argument("--smoke", action="store_true", help="2 steps of every run, 1 seed (CI).")
     parser.add_argument(
         "--from-runs", action="store_true", help="Train nothing: summarise and plot the runs already in --output-dir."
@@ -413,6 +538,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         build_warm_start(output_dir, task, seed, args.warm_start_steps, args.warm_start_seen)
         for task in args.tasks
         for seed in args.seeds
+        if not (args.reuse_warm_starts and warm_start_dir(output_dir, task, seed).is_dir())
     ]
     print(
         f"warm starts built in {time.perf_counter() - start:.0f} s: "
@@ -445,9 +571,10 @@ def write_outputs(
         "warm_start": warm,
         "wall_seconds": time.perf_counter() - start,
         "results": summarise(results, WINDOW, THRESHOLD),
+        "paired": paired_differences(results, WINDOW),
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = format_table(summary["results"], WINDOW, THRESHOLD)
+    table = format_table(summary["results"], WINDOW, THRESHOLD) + "\n" + format_paired_table(summary["paired"], WINDOW)
     (output_dir / "LEARNING_RESULTS.md").write_text(table + "\n")
     plot(results, WINDOW, THRESHOLD, output_dir / "learning.png")
     print(table)

@@ -8,6 +8,10 @@ import torch
 from vppo_trl import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
 from vppo_trl.core import (
     entropy_penalty,
+    guard_openness,
+    guarded_advantage_scales,
+    guarded_filter_ratio,
+    kept_dependency_sums,
     kept_token_counts,
     kl_token_dependency,
     random_token_mask,
@@ -205,6 +209,91 @@ class TestAdvantageScales:
         order = scores.argsort()
         assert (out[order].diff() >= 0).all()
         assert torch.isfinite(out).all()
+
+    def test_dynamic_beta_max_is_unbounded_and_the_cap_bounds_it(self):
+        n = 32
+        scores = torch.full((n,), 1e-3)
+        scores[0] = 2e-3  # one outlier among near-equal completions
+        valid = torch.ones(n, dtype=torch.bool)
+        free = advantage_scales(scores, valid, beta_min=0.9)
+        assert free.max().item() == pytest.approx(0.9 + 0.1 * n, rel=1e-5)
+        capped = advantage_scales(scores, valid, beta_min=0.9, beta_max_cap=2.0)
+        assert capped.max().item() == pytest.approx(2.0)
+        assert capped[1:].tolist() == pytest.approx([0.9] * (n - 1))
+        assert capped.mean().item() < 1.0  # where the cap binds, the mean scale is below 1
+        spread = torch.linspace(0.0, 1.0, n)  # beta_max = 0.9 + 0.1 / 0.5 = 1.1: the cap does not bind
+        torch.testing.assert_close(
+            advantage_scales(spread, valid, beta_max_cap=2.0), advantage_scales(spread, valid), rtol=0, atol=0
+        )
+
+    def test_cap_is_unused_with_a_fixed_range(self):
+        scores = torch.tensor([0.0, 0.5, 1.0])
+        out = advantage_scales(scores, torch.ones(3, dtype=torch.bool), 0.5, beta_max=3.0, beta_max_cap=1.5)
+        torch.testing.assert_close(out, torch.tensor([0.5, 1.75, 3.0]))
+
+
+def guarded_advantages(dependency, mask, advantages, ratio=0.4, floor=0.02, full=0.2):
+    """VPPO's per-token advantages under the cold-start guard, from the guard's pure functions."""
+    rows = advantages != 0
+    total, count = kept_dependency_sums(dependency, mask, rows, ratio).tolist()
+    openness = guard_openness(total / count, floor, full)
+    keep = top_dependency_mask(dependency, mask, guarded_filter_ratio(ratio, openness))
+    scales = guarded_advantage_scales(advantage_scales(trajectory_dependency(dependency, mask), rows), openness)
+    return openness, (advantages * scales).unsqueeze(-1) * keep * mask
+
+
+class TestColdStartGuard:
+    def synthetic_batch(self, perceptual: bool):
+        generator = torch.Generator().manual_seed(0)
+        # A policy that does not read the image: every log-prob moves by a little noise, so dependencies are ~1e-3.
+        log_ratio = 0.05 * torch.randn(16, 6, generator=generator)
+        logps = torch.full((16, 6), -1.0)
+        dependency = token_dependency(logps, logps + log_ratio, torch.ones(16, 6))
+        if perceptual:
+            dependency[:, 4] = 1.0 + torch.rand(16, generator=generator)  # the token that reads the image
+        mask = torch.ones(16, 6)
+        mask[::3, 5] = 0
+        advantages = torch.randn(16, generator=generator)
+        return dependency, mask, advantages
+
+    def test_noise_only_closes_the_guard_and_gives_grpo_weighting(self):
+        dependency, mask, advantages = self.synthetic_batch(perceptual=False)
+        assert 1e-4 < dependency.mean() < 2e-3  # the noise level of a policy that does not look
+        openness, weighted = guarded_advantages(dependency, mask, advantages)
+        assert openness == 0.0
+        torch.testing.assert_close(weighted, advantages.unsqueeze(-1) * mask, rtol=0, atol=0)
+
+    def test_a_clear_perceptual_token_opens_it_and_leaves_vppo_in_place(self):
+        dependency, mask, advantages = self.synthetic_batch(perceptual=True)
+        openness, weighted = guarded_advantages(dependency, mask, advantages)
+        assert openness == 1.0
+        keep = top_dependency_mask(dependency, mask, 0.4)
+        assert keep[:, 4].all()  # TGF keeps the perceptual token of every completion
+        scales = advantage_scales(trajectory_dependency(dependency, mask), advantages != 0)
+        torch.testing.assert_close(weighted, (advantages * scales).unsqueeze(-1) * keep * mask, rtol=0, atol=0)
+
+    def test_openness_is_log_linear_between_floor_and_full(self):
+        assert guard_openness(0.0, 0.01, 0.1) == 0.0
+        assert guard_openness(0.01, 0.01, 0.1) == 0.0
+        assert guard_openness(math.sqrt(0.01 * 0.1), 0.01, 0.1) == pytest.approx(0.5)
+        assert guard_openness(0.1, 0.01, 0.1) == 1.0
+        assert guard_openness(7.0, 0.01, 0.1) == 1.0
+
+    def test_half_open_blends_ratio_and_scales_towards_grpo(self):
+        assert guarded_filter_ratio(0.4, 0.0) == 1.0
+        assert guarded_filter_ratio(0.4, 0.5) == pytest.approx(0.7)
+        assert guarded_filter_ratio(0.3, 1.0) == 0.3  # exactly the configured ratio when open
+        scales = advantage_scales(torch.tensor([0.0, 0.1, 0.2, 1.0]), torch.ones(4, dtype=torch.bool))
+        half = guarded_advantage_scales(scales, 0.5)
+        torch.testing.assert_close(half, (scales + 1.0) / 2)
+        assert half.mean().item() == pytest.approx(1.0, abs=1e-6) and half.min().item() >= 0.9
+
+    def test_statistic_reads_the_kept_tokens_of_the_rows_with_a_gradient(self):
+        dependency = torch.tensor([[0.5, 0.1, 0.0, 0.2], [9.0, 9.0, 9.0, 9.0], [0.3, 0.0, 0.0, 0.0]])
+        mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])
+        rows = torch.tensor([True, False, True])
+        # ratio 0.5 keeps 2 of 4 (0.5, 0.2) and 1 of 2 (0.3); the second completion has no gradient
+        assert kept_dependency_sums(dependency, mask, rows, 0.5).tolist() == pytest.approx([1.0, 3.0])
 
 
 def test_entropy_penalty():

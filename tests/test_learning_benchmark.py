@@ -26,7 +26,18 @@ def load_benchmark():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("learning")
-    command = [sys.executable, str(SCRIPT), "--smoke", "--workers", "1", "--output-dir", str(out)]
+    methods = [*load_benchmark().DEFAULT_METHODS, "vppo_guard", "vppo_official_tas"]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--smoke",
+        "--workers",
+        "1",
+        "--methods",
+        *methods,
+        "--output-dir",
+        str(out),
+    ]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return out
@@ -34,14 +45,19 @@ def smoke(tmp_path_factory) -> Path:
 
 def test_smoke_writes_every_run_summary_table_and_plot(smoke):
     benchmark = load_benchmark()
-    methods = set(benchmark.DEFAULT_METHODS)
-    assert methods == {"grpo", "vppo", "tgf_only", "tas_only", "random"}
+    assert set(benchmark.DEFAULT_METHODS) == {"grpo", "vppo", "tgf_only", "tas_only", "random"}
+    methods = {*benchmark.DEFAULT_METHODS, "vppo_guard", "vppo_official_tas"}
     runs = {path.stem for path in (smoke / "runs").glob("*.json")}
     assert runs == {f"{task}_{method}_seed0" for task in benchmark.TASKS for method in methods}
     for name in runs:
         log = json.loads((smoke / "runs" / f"{name}.json").read_text())["log"]
         assert [row["step"] for row in log] == [1, 2]
         assert all(0.0 <= row["reward"] <= 1.0 for row in log)
+        openness = [row["vppo/guard_openness"] for row in log]
+        if name.split("_seed")[0].endswith("vppo_guard"):
+            assert all(value is not None and 0.0 <= value <= 1.0 for value in openness), name
+        else:
+            assert openness == [None, None], name  # no guard, no guard metrics
 
     summary = json.loads((smoke / "summary.json").read_text())
     assert set(summary["results"]) == set(benchmark.TASKS)
@@ -73,3 +89,38 @@ def test_steps_to_threshold_reads_the_moving_average():
     benchmark = load_benchmark()
     assert benchmark.steps_to_threshold([0.0, 1.0, 1.0, 1.0], window=2, threshold=0.75) == 3
     assert benchmark.steps_to_threshold([0.0, 0.5], window=2, threshold=0.75) is None
+
+
+def test_paired_bootstrap_of_per_seed_differences():
+    benchmark = load_benchmark()
+    constant = benchmark.paired_bootstrap([0.1, 0.1, 0.1])
+    assert constant["mean"] == pytest.approx(0.1)
+    assert (constant["low"], constant["high"]) == pytest.approx((0.1, 0.1))
+    mixed = benchmark.paired_bootstrap([-0.2, 0.0, 0.1, 0.3, 0.05])
+    assert mixed["low"] < mixed["mean"] < mixed["high"]
+    assert -0.2 <= mixed["low"] and mixed["high"] <= 0.3
+    assert (mixed["wins"], mixed["losses"], mixed["seeds"]) == (3, 1, 5)
+
+
+def test_paired_differences_pair_runs_by_seed():
+    benchmark = load_benchmark()
+
+    def run(method, seed, reward):
+        return {"task": "colour", "method": method, "seed": seed, "log": [{"reward": reward}] * 3}
+
+    results = [run("grpo", 0, 0.5), run("grpo", 1, 0.25), run("vppo_guard", 1, 0.5), run("vppo_guard", 0, 0.75)]
+    results.append(run("vppo_guard", 2, 1.0))  # no GRPO run of seed 2: left out
+    paired = benchmark.paired_differences(results, window=2)
+    assert list(paired["colour"]) == ["vppo_guard - grpo"]
+    assert paired["colour"]["vppo_guard - grpo"]["differences"] == [0.25, 0.25]
+
+
+def test_colour_kept_is_read_where_the_guard_statistic_reaches_full():
+    benchmark = load_benchmark()
+    log = [
+        {"vppo/guard_dependency": 0.01, "learning/colour_kept": 0.2},
+        {"vppo/guard_dependency": 0.5, "learning/colour_kept": 1.0},
+        {"vppo/dependency_selected_mean": 0.3, "learning/colour_kept": 0.8},
+    ]
+    assert benchmark.colour_kept_where_dependencies_carry_signal(log) == pytest.approx(0.9)
+    assert benchmark.colour_kept_where_dependencies_carry_signal(log[:1]) is None

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vppo_trl.metrics import dependency_metrics, dependency_sums
+from vppo_trl.metrics import dependency_metrics, dependency_sums, guard_metrics
 
 
 def test_dependency_metrics_by_hand():
@@ -41,3 +41,12 @@ def test_nothing_measured_logs_no_ratio_and_unit_scales():
         "vppo/beta_max",
     ]
     assert set(metrics.values()) == {1.0}
+
+
+def test_guard_metrics():
+    assert guard_metrics(0.02, 0.3, 0.82) == {
+        "vppo/guard_openness": 0.3,
+        "vppo/guard_filter_ratio": 0.82,
+        "vppo/guard_dependency": 0.02,
+    }
+    assert "vppo/guard_dependency" not in guard_metrics(None, 0.0, 1.0)  # no completion with a gradient

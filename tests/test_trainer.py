@@ -159,6 +159,80 @@ def test_equivalent_to_grpo_with_everything_off(tmp_path):
         assert any(key.startswith("vppo/") for key in vppo_log) or "train_runtime" in vppo_log
 
 
+def test_closed_cold_start_guard_trains_exactly_like_grpo(tmp_path):
+    # TGF at 0.4 and TAS with the dynamic range, but a guard that no dependency opens (they are clamped at 10).
+    dataset = make_colour_dataset(32, seed=1)
+    settings = dict(cold_start_guard=True, cold_start_guard_floor=10.0, cold_start_guard_full=20.0)
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=3)
+    grpo = GRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=length_reward,
+        args=grpo_args(tmp_path / "grpo"),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    vppo = VPPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=length_reward,
+        args=vppo_args(tmp_path / "vppo", **settings),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    for trainer in (grpo, vppo):
+        set_seed(7)
+        trainer.train()
+    for name, value in final_parameters(grpo).items():
+        torch.testing.assert_close(final_parameters(vppo)[name], value, rtol=0, atol=0, msg=name)
+    logs = [entry for entry in vppo.state.log_history if "loss" in entry]
+    assert [entry["vppo/guard_openness"] for entry in logs] == [0.0, 0.0]
+    assert [entry["vppo/guard_filter_ratio"] for entry in logs] == [1.0, 1.0]
+    assert all(entry["vppo/advantage_scale_max"] == 1.0 for entry in logs)
+
+
+def shaped_advantages(trainer: VPPOTrainer, batch: dict, dependency: torch.Tensor) -> torch.Tensor:
+    """TGF and TAS applied to a copy of `batch` with the given dependencies (every completion measured)."""
+    inputs = copy.deepcopy(batch)
+    rows = (batch["advantages"] != 0) & (trainer_module.loss_mask(batch).sum(-1) > 0)
+    trainer._shape_advantages(inputs, dependency, measured=rows, shapeable=rows, with_image=rows)
+    return inputs["advantages"]
+
+
+def test_cold_start_guard_on_synthetic_dependencies(tmp_path):
+    dataset = make_colour_dataset(8, seed=2)
+    trainer = make_trainer(tmp_path, dataset=dataset, cold_start_guard=True)
+    batch = generation_batch(trainer, dataset, prompts=2)
+    mask = trainer_module.loss_mask(batch)
+    assert (batch["advantages"] != 0).any()
+    noise = 1e-3 * torch.rand(mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+    # Noise only: the guard closes and the advantages are GRPO's, on every token.
+    closed = shaped_advantages(trainer, batch, noise)
+    torch.testing.assert_close(closed, batch["advantages"].unsqueeze(-1) * mask, rtol=0, atol=0)
+    assert trainer._metrics["train"]["vppo/guard_openness"][-1] == 0.0
+    # A clear perceptual token in every completion: the guard opens and VPPO's weighting is left as it is.
+    perceptual = noise.clone()
+    perceptual[torch.arange(len(mask)), mask.argmax(-1)] = 2.0
+    opened = shaped_advantages(trainer, batch, perceptual)
+    assert trainer._metrics["train"]["vppo/guard_openness"][-1] == 1.0
+    trainer.args.cold_start_guard = False
+    torch.testing.assert_close(opened, shaped_advantages(trainer, batch, perceptual), rtol=0, atol=0)
+    assert not torch.equal(opened, closed)
+
+
+def test_advantage_scale_max_cap_bounds_the_dynamic_beta_max(tmp_path):
+    dataset = make_colour_dataset(8, seed=2)
+    trainer = make_trainer(tmp_path, dataset=dataset, advantage_scale_max_cap=1.5)
+    batch = generation_batch(trainer, dataset, prompts=2)
+    mask = trainer_module.loss_mask(batch)
+    rows = (batch["advantages"] != 0) & (mask.sum(-1) > 0)
+    outlier = torch.full(mask.shape, 1e-3) * mask
+    outlier[rows.nonzero()[0]] = 0.5 * mask[rows.nonzero()[0]]  # one completion far above the others
+    shaped_advantages(trainer, batch, outlier)
+    assert trainer._metrics["train"]["vppo/beta_max"][-1] == pytest.approx(1.5)
+    trainer.args.advantage_scale_max_cap = None  # unbounded: about 0.9 + 0.1 n for n completions
+    shaped_advantages(trainer, batch, outlier)
+    assert trainer._metrics["train"]["vppo/beta_max"][-1] == pytest.approx(0.9 + 0.1 * int(rows.sum()), rel=1e-4)
+
+
 def test_loss_and_gradients_equal_grpo_on_the_same_batch(tmp_path):
     dataset = make_colour_dataset(8, seed=2)
     model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=4)
@@ -654,6 +728,12 @@ def test_config_rejects_bad_values():
         VPPOConfig(output_dir="unused", advantage_scale_min=0.9, advantage_scale_max=0.8)
     with pytest.raises(ValueError, match="advantage_scale_min"):
         VPPOConfig(output_dir="unused", advantage_scale_min=1.2)
+    with pytest.raises(ValueError, match="advantage_scale_max_cap=2.0 bounds the dynamic range only"):
+        VPPOConfig(output_dir="unused", advantage_scale_max=1.1, advantage_scale_max_cap=2.0)
+    with pytest.raises(ValueError, match="advantage_scale_max_cap=0.5 must be >= 1"):
+        VPPOConfig(output_dir="unused", advantage_scale_max_cap=0.5)
+    with pytest.raises(ValueError, match="cold_start_guard_floor=0.1 and cold_start_guard_full=0.01"):
+        VPPOConfig(output_dir="unused", cold_start_guard_floor=0.1, cold_start_guard_full=0.01)
 
 
 def test_rejects_a_model_without_vision_tower(tmp_path):

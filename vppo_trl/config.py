@@ -61,7 +61,14 @@ class VPPOConfig(GRPOConfig):
             Smallest advantage scale (beta_min).
         advantage_scale_max (`float` or `None`, *optional*, defaults to `None`):
             Largest advantage scale (beta_max). `None` picks it per batch so that the mean scale is exactly 1
-            (official code).
+            (the official code's dynamic range, computed here over the whole generation batch of all processes and
+            over the completions with a non-zero advantage only, as the specification says; the official code takes
+            its minimum and maximum per process and its mean per micro-batch, zero advantages included: see
+            `docs/cold_start_guard.md`). That `beta_max` has no bound: one outlier among `n` near-equal completions
+            gets a scale of about `0.9 + 0.1 n`.
+        advantage_scale_max_cap (`float` or `None`, *optional*, defaults to `None`):
+            Upper bound of the dynamic `beta_max` (with `advantage_scale_max=None` only); where it binds, the mean
+            scale is below 1. `None` leaves it unbounded, as the paper and the official code do.
         entropy_penalty_coef (`float`, *optional*, defaults to `0.0`):
             Weight of the entropy penalty `-mean(log pi(y_t))` over all completion tokens (paper App. E). The paper
             uses 0.06 for 7B models and 0.12 for Qwen3-VL-8B.
@@ -70,8 +77,19 @@ class VPPOConfig(GRPOConfig):
             change. Results are identical either way.
         max_consecutive_nonfinite_steps (`int`, *optional*, defaults to `5`):
             A loss that is NaN or infinite (fp16 overflow, a corrupt sample) is never back-propagated: the step is
-            skipped with a warning and counted in `vppo/nonfinite_loss_steps`. After this many skipped steps in a
+            skipped with a warning and counted in `vppo/nonfinite_loss_skipped`. After this many skipped steps in a
             row, training stops with an error (the checkpoints already written are kept).
+        cold_start_guard (`bool`, *optional*, defaults to `False`):
+            Let TGF and TAS act only as far as the visual dependencies carry signal, for a policy that does not yet
+            read the image (a small or weak model, a new kind of image). Each batch, the mean dependency of the
+            tokens TGF would keep is read on a log scale between `cold_start_guard_floor` (closed: every token
+            trained, every TAS scale 1, i.e. GRPO) and `cold_start_guard_full` (open: VPPO as configured); in
+            between, TGF's ratio and the TAS scales are blended linearly towards GRPO. Logged as `vppo/guard_*`. It
+            reuses the measured dependencies: no extra forward pass. `False` is the paper's behaviour.
+        cold_start_guard_floor (`float`, *optional*, defaults to `0.02`):
+            Mean kept-token dependency (nats) at and below which the guard is closed.
+        cold_start_guard_full (`float`, *optional*, defaults to `0.2`):
+            Mean kept-token dependency (nats) at and above which the guard is fully open.
         dynamic_sampling (`bool`, *optional*, defaults to `False`):
             DAPO's dynamic sampling, the paper's base algorithm: prompt groups whose rewards carry no learning signal
             are dropped and more prompts, the next ones of the training data, are generated until every process holds
@@ -151,6 +169,10 @@ class VPPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Largest TAS advantage scale (beta_max); None makes each batch's mean scale exactly 1."},
     )
+    advantage_scale_max_cap: float | None = field(
+        default=None,
+        metadata={"help": "Upper bound of the dynamic beta_max (advantage_scale_max=None); None: unbounded (paper)."},
+    )
     entropy_penalty_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of the entropy penalty -mean(log pi) over completion tokens (paper: 0.06 for 7B)."},
@@ -162,6 +184,19 @@ class VPPOConfig(GRPOConfig):
     max_consecutive_nonfinite_steps: int = field(
         default=5,
         metadata={"help": "Stop training after this many consecutive steps skipped for a NaN or infinite loss."},
+    )
+    cold_start_guard: bool = field(
+        default=False,
+        metadata={
+            "help": "Blend TGF and TAS towards GRPO while the kept tokens' visual dependency is at noise level "
+            "(a policy that does not yet read the image)."
+        },
+    )
+    cold_start_guard_floor: float = field(
+        default=0.02, metadata={"help": "Kept-token mean dependency (nats) at and below which the guard is closed."}
+    )
+    cold_start_guard_full: float = field(
+        default=0.2, metadata={"help": "Kept-token mean dependency (nats) at and above which the guard is open."}
     )
     dynamic_sampling: bool = field(
         default=False,
@@ -240,6 +275,22 @@ class VPPOConfig(GRPOConfig):
             raise ValueError(
                 f"advantage_scale_min={self.advantage_scale_min} must be <= 1 with the dynamic range "
                 "(advantage_scale_max=None), whose mean scale is 1."
+            )
+        if self.advantage_scale_max_cap is not None:
+            if self.advantage_scale_max is not None:
+                raise ValueError(
+                    f"advantage_scale_max_cap={self.advantage_scale_max_cap} bounds the dynamic range only; it cannot "
+                    f"be combined with a fixed advantage_scale_max={self.advantage_scale_max}."
+                )
+            if self.advantage_scale_max_cap < 1.0:
+                raise ValueError(
+                    f"advantage_scale_max_cap={self.advantage_scale_max_cap} must be >= 1 (the dynamic beta_max is "
+                    "never below 1)."
+                )
+        if not 0.0 < self.cold_start_guard_floor < self.cold_start_guard_full:
+            raise ValueError(
+                f"cold_start_guard_floor={self.cold_start_guard_floor} and cold_start_guard_full="
+                f"{self.cold_start_guard_full} must satisfy 0 < floor < full."
             )
         if self.entropy_penalty_coef < 0:
             raise ValueError(f"entropy_penalty_coef={self.entropy_penalty_coef} must be >= 0.")

@@ -157,20 +157,25 @@ def advantage_scales(
     valid: torch.Tensor,
     beta_min: float = 0.9,
     beta_max: float | None = None,
+    beta_max_cap: float | None = None,
 ) -> torch.Tensor:
     """
     Trajectory-level Advantage Shaping: a scale for each completion's advantage that grows with its mean dependency.
 
     Over the samples marked `valid`, dependencies are min-max normalised to `u` in [0, 1] and mapped linearly to
     `[beta_min, beta_max]`. With `beta_max=None` (dynamic range, official code), `beta_max` is chosen so that the mean
-    scale over the valid samples is 1. If the valid dependencies span less than 1e-6, or no sample is valid, every
-    scale is 1. Samples not marked valid get exactly 1.
+    scale over the valid samples is 1: `beta_min + (1 - beta_min) / mean(u)`, which has no bound (one outlier among
+    `n` near-equal samples gets about `0.9 + 0.1 n`). `beta_max_cap` bounds that dynamic `beta_max`; where it binds,
+    the mean scale is below 1. If the valid dependencies span less than 1e-6, or no sample is valid, every scale is
+    1. Samples not marked valid get exactly 1.
 
     Args:
         trajectory_dependency: `[B]` mean dependency of each completion.
         valid: `[B]` bool, the samples that take part in the statistics.
         beta_min: smallest scale.
         beta_max: largest scale, or `None` for the dynamic range.
+        beta_max_cap: upper bound of the dynamic `beta_max`, or `None` for none (official code). Unused with a fixed
+            `beta_max`.
 
     Returns:
         `[B]` float tensor of scales.
@@ -188,8 +193,65 @@ def advantage_scales(
     normalised = ((values - low) / spread).clamp(0.0, 1.0)
     if beta_max is None:
         beta_max = beta_min + (1.0 - beta_min) / (normalised[valid].mean() + DYNAMIC_RANGE_EPS)
+        if beta_max_cap is not None:
+            beta_max = beta_max.clamp(max=beta_max_cap)
     scales = beta_min + (beta_max - beta_min) * normalised
     return torch.where(valid, scales, ones)
+
+
+def kept_dependency_sums(
+    dependency: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, ratio: float
+) -> torch.Tensor:
+    """
+    Sum and count of the dependencies of the tokens TGF keeps at `ratio` (the `ceil(ratio * n_i)` most image-dependent
+    of each completion) in the completions marked `rows`: the cold-start guard's statistic, to be added up over
+    processes before dividing.
+
+    Args:
+        dependency: `[B, T]` token dependencies.
+        mask: `[B, T]` completion mask.
+        rows: `[B]` bool, the completions that take part (those with a policy gradient).
+        ratio: TGF's configured ratio, in (0, 1].
+
+    Returns:
+        `[2]` float tensor: the sum of the kept tokens' dependencies and their number.
+    """
+    kept = top_dependency_mask(dependency, mask, ratio) & rows.bool().unsqueeze(-1)
+    return torch.stack([(dependency.float() * kept).sum(), kept.sum().float()])
+
+
+def guard_openness(kept_dependency: float, floor: float, full: float) -> float:
+    """
+    How far the cold-start guard lets TGF and TAS act, from 0 (plain GRPO) to 1 (VPPO as configured).
+
+    The kept tokens' mean dependency (in nats, a KL estimate) is read on a log scale: 0 at or below `floor`, 1 at or
+    above `full`, `log(kept_dependency / floor) / log(full / floor)` in between. A policy that does not read the image
+    has dependencies of about 1e-3 (the image jitters its predictions); a token that reads it, 0.1 to 1.
+
+    Args:
+        kept_dependency: mean dependency of the tokens TGF keeps at its configured ratio (`kept_dependency_sums`).
+        floor: dependency at and below which the guard is closed, > 0.
+        full: dependency at and above which the guard is fully open, > `floor`.
+    """
+    if kept_dependency <= floor:
+        return 0.0
+    return min(1.0, math.log(kept_dependency / floor) / math.log(full / floor))
+
+
+def guarded_filter_ratio(ratio: float, openness: float) -> float:
+    """TGF's ratio under the guard: 1 (every token trained, GRPO) when closed, `ratio` when open, linear between."""
+    if openness >= 1.0:
+        return ratio  # exactly the configured ratio, so that TGF keeps exactly its configured counts
+    return 1.0 - openness * (1.0 - ratio)
+
+
+def guarded_advantage_scales(scales: torch.Tensor, openness: float) -> torch.Tensor:
+    """
+    TAS scales under the guard: 1 (GRPO) when closed, `scales` when open, linear between.
+
+    A linear blend keeps the mean scale of the dynamic range at 1 and its smallest scale at or above `beta_min`.
+    """
+    return 1.0 + openness * (scales - 1.0)
 
 
 # GRPO loss types whose loss is a token sum divided by a token count that the caller supplies (TRL's

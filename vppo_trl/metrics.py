@@ -57,3 +57,15 @@ def dependency_metrics(totals: dict[str, float], scales: torch.Tensor, shapeable
         }
     )
     return metrics
+
+
+def guard_metrics(kept_dependency: float | None, openness: float, filter_ratio: float) -> dict[str, float]:
+    """
+    The cold-start guard's `vppo/guard_...` metrics: its statistic (the mean dependency of the tokens TGF keeps at
+    its configured ratio; absent when no completion has a policy gradient), its openness (0: GRPO, 1: VPPO) and the
+    TGF ratio it applied.
+    """
+    metrics = {"vppo/guard_openness": openness, "vppo/guard_filter_ratio": filter_ratio}
+    if kept_dependency is not None:
+        metrics["vppo/guard_dependency"] = kept_dependency
+    return metrics

@@ -16,6 +16,10 @@ from .core import (
     TOKEN_SUM_LOSS_TYPES,
     advantage_scales,
     entropy_penalty,
+    guard_openness,
+    guarded_advantage_scales,
+    guarded_filter_ratio,
+    kept_dependency_sums,
     random_token_mask,
     token_dependency,
     top_dependency_mask,
@@ -25,7 +29,7 @@ from .core import (
 from .data import check_prompt_lengths
 from .dynamic_sampling import DynamicSamplingMixin
 from .guards import NonFiniteLossGuardMixin
-from .metrics import dependency_metrics, dependency_sums
+from .metrics import dependency_metrics, dependency_sums, guard_metrics
 from .model_card import append_vppo_section
 from .passes import VisualDependencyPassesMixin, check_vision_model
 from .perturbations import PixelLayout
@@ -215,8 +219,12 @@ class VPPOTrainer(
         args = self.args
         mask = loss_mask(batch)
         advantages = batch["advantages"]
-        if args.token_filter_ratio < 1.0:
-            filtered = self._filter_tokens(dependency, entropies, mask)
+        openness, ratio = 1.0, args.token_filter_ratio
+        if args.cold_start_guard:
+            openness = self._cold_start_openness(dependency, mask, shapeable)
+            ratio = guarded_filter_ratio(ratio, openness)
+        if ratio < 1.0:
+            filtered = self._filter_tokens(dependency, entropies, mask, ratio)
             keep = torch.where(measured.unsqueeze(-1), filtered, mask.bool())
         else:
             keep = mask.bool()
@@ -226,8 +234,13 @@ class VPPOTrainer(
         all_shapeable = self.accelerator.gather(shapeable)
         if args.advantage_shaping:
             all_scales = advantage_scales(
-                all_dependency, all_shapeable, args.advantage_scale_min, args.advantage_scale_max
+                all_dependency,
+                all_shapeable,
+                args.advantage_scale_min,
+                args.advantage_scale_max,
+                args.advantage_scale_max_cap,
             )
+            all_scales = guarded_advantage_scales(all_scales, openness) if args.cold_start_guard else all_scales
         else:
             all_scales = torch.ones_like(all_dependency)
         first = self.accelerator.process_index * len(advantages)
@@ -241,11 +254,30 @@ class VPPOTrainer(
             self.shared.spotlight_capture(batch, dependency, mask, keep, measured, scales, advantages)
         self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
 
+    def _cold_start_openness(self, dependency: torch.Tensor, mask: torch.Tensor, shapeable: torch.Tensor) -> float:
+        """
+        The cold-start guard's openness for this generation batch, the same on every process, and its metrics.
+
+        Read from the tokens TGF keeps at its configured ratio in the completions with a policy gradient (those are
+        measured whether or not `skip_zero_advantage` skips the others).
+        """
+        args = self.args
+        sums = kept_dependency_sums(dependency, mask, shapeable, args.token_filter_ratio)
+        total, count = self.accelerator.reduce(sums, reduction="sum").tolist()
+        kept_dependency = total / count if count > 0 else None
+        openness = 0.0
+        if kept_dependency is not None:
+            openness = guard_openness(kept_dependency, args.cold_start_guard_floor, args.cold_start_guard_full)
+        ratio = guarded_filter_ratio(args.token_filter_ratio, openness)
+        for name, value in guard_metrics(kept_dependency, openness, ratio).items():
+            self._metrics["train"][name].append(value)
+        return openness
+
     def _filter_tokens(
-        self, dependency: torch.Tensor, entropies: torch.Tensor | None, mask: torch.Tensor
+        self, dependency: torch.Tensor, entropies: torch.Tensor | None, mask: torch.Tensor, ratio: float
     ) -> torch.Tensor:
-        """TGF's kept tokens under `token_filter_criterion`: by dependency (VPPO), at random or by entropy."""
-        ratio, criterion = self.args.token_filter_ratio, self.args.token_filter_criterion
+        """TGF's kept tokens at `ratio` under `token_filter_criterion`: by dependency (VPPO), at random, by entropy."""
+        criterion = self.args.token_filter_criterion
         if criterion == "random":
             # Own stream, seeded like the perturbation draws; drawn for the whole batch: skipping changes nothing.
             seed = hash((self.args.seed, self.shared.perturbation_round, self.accelerator.process_index, 1)) % (2**63)

@@ -31,8 +31,8 @@ def main(output_path: str, estimator: str, data: str, family: str) -> None:
     records = []
     original_scales = trainer_module.advantage_scales
 
-    def recording_scales(dependency, valid, beta_min=0.9, beta_max=None):
-        scales = original_scales(dependency, valid, beta_min, beta_max)
+    def recording_scales(dependency, valid, beta_min=0.9, beta_max=None, beta_max_cap=None):
+        scales = original_scales(dependency, valid, beta_min, beta_max, beta_max_cap)
         records.append({"dependency": dependency.tolist(), "valid": valid.tolist(), "scales": scales.tolist()})
         return scales
 
