@@ -1,6 +1,6 @@
 """VPPO next to GRPO on the CPU demo, over seeds: `python benchmarks/demo_sweep.py --seeds 0-9`.
 
-For each seed it builds the demo's warm start once (`vppo_trl.demo`), trains VPPO and GRPO from it with the same
+For each seed it builds the demo's warm start once (`vppo_trl.tools.demo`), trains VPPO and GRPO from it with the same
 settings, data and seed (GRPO is `VPPOTrainer` with TGF and TAS off, so both have dynamic sampling), and records per
 run: learned or not (the demo's verdict), the first step at which the 20-step mean reward reaches 0.8, the held-out
 greedy accuracy and the training time. It then prints the table and the paired summary: runs learned, the median

@@ -1,7 +1,8 @@
 """Learning in miniature: GRPO, VPPO and its ablations trained from the same warm start on two CPU colour tasks.
 
-`python benchmarks/learning.py` trains a tiny Qwen2.5-VL (the CPU demo's model and building blocks, `vppo_trl.demo`)
-with five methods that differ only in VPPO's switches, from the same warm start, with the same budget and settings:
+`python benchmarks/learning.py` trains a tiny Qwen2.5-VL (the CPU demo's model and building blocks,
+`vppo_trl.tools.demo`) with five methods that differ only in VPPO's switches, from the same warm start, with the
+same budget and settings:
 
 | method     | VPPOConfig                                                       |
 |------------|------------------------------------------------------------------|
@@ -135,7 +136,7 @@ def build_warm_start(output_dir: Path, task: str, seed: int, steps: int, seen_sh
 
 def make_recording_trainer_class():
     from vppo_trl import VPPOTrainer
-    from vppo_trl.trainer import loss_mask
+    from vppo_trl.method.trainer import loss_mask
 
     class RecordingTrainer(VPPOTrainer):
         """VPPOTrainer that also logs where the colour token is and what TGF does with it (metrics only)."""
@@ -316,7 +317,7 @@ def colour_kept_where_dependencies_carry_signal(log: list[dict]) -> float | None
     ratio) reaches `cold_start_guard_full`, where the guard is fully open. VPPO without the guard logs the same
     statistic as `vppo/dependency_selected_mean`. None for a method without TGF or a run without such a step.
     """
-    from vppo_trl.config import VPPOConfig
+    from vppo_trl.method.config import VPPOConfig
 
     full = VPPOConfig.__dataclass_fields__["cold_start_guard_full"].default
     values = []

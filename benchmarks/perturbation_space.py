@@ -30,7 +30,7 @@ from PIL import Image
 from transformers import Qwen2VLImageProcessor
 
 from vppo_trl.data import PAPER_MAX_PIXELS, PAPER_MIN_PIXELS, fit_image_pixels
-from vppo_trl.perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
+from vppo_trl.method.perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

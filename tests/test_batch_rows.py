@@ -7,7 +7,7 @@ from datasets import Dataset
 from test_trainer import COLOUR_QUESTION, generation_batch, length_reward, vppo_args
 
 from vppo_trl import VPPOTrainer
-from vppo_trl.batch_rows import concatenate_rows, model_inputs, select_rows
+from vppo_trl.method.batch_rows import concatenate_rows, model_inputs, select_rows
 from vppo_trl.testing import COLOURS, build_model, build_processor, build_tokenizer, make_shape_image
 
 

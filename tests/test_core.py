@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vppo_trl import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
-from vppo_trl.core import (
+from vppo_trl.method.core import (
     entropy_penalty,
     guard_openness,
     guarded_advantage_scales,

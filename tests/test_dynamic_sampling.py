@@ -15,8 +15,8 @@ from transformers import set_seed
 from trl import GRPOTrainer
 
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.dynamic_sampling import PromptStream
-from vppo_trl.passes import IMAGES_KEY
+from vppo_trl.longrun.dynamic_sampling import PromptStream
+from vppo_trl.method.passes import IMAGES_KEY
 from vppo_trl.testing import COLOUR_QUESTION, COLOURS, build_tiny_vlm, make_colour_dataset
 
 SCRIPT = Path(__file__).parent / "scripts" / "dynamic_sampling_two_process.py"
@@ -207,7 +207,7 @@ def test_merged_batch_has_grpo_layout(tmp_path, monkeypatch):
 
 def test_round_limit_continue_tops_up_and_logs(tmp_path, caplog):
     trainer = make_trainer(tmp_path, reward=constant_reward, dynamic_sampling_max_rounds=1, max_steps=2)
-    with caplog.at_level(logging.WARNING, logger="vppo_trl.dynamic_sampling"):
+    with caplog.at_level(logging.WARNING, logger="vppo_trl.longrun.dynamic_sampling"):
         trainer.train()
     assert trainer.state.global_step == 2
     for log in dynamic_logs(trainer):

@@ -18,7 +18,8 @@ from PIL import Image
 
 from vppo_trl import cli
 from vppo_trl.data import INSTRUCTION_SUFFIX
-from vppo_trl.eval import (
+from vppo_trl.testing import COLOURS, build_tiny_vlm, make_shape_image
+from vppo_trl.tools.eval import (
     BENCHMARKS,
     EvalConfig,
     benchmark_metrics,
@@ -29,8 +30,7 @@ from vppo_trl.eval import (
     pass_at_k,
     regrade,
 )
-from vppo_trl.eval.generation import VLLM_MISSING, VLLMBackend, vllm_engine_kwargs, vllm_sampling_kwargs
-from vppo_trl.testing import COLOURS, build_tiny_vlm, make_shape_image
+from vppo_trl.tools.eval.generation import VLLM_MISSING, VLLMBackend, vllm_engine_kwargs, vllm_sampling_kwargs
 
 QUICK = ["--k", "2", "--max-new-tokens", "8", "--batch-size", "2", "--device", "cpu"]
 
@@ -180,7 +180,7 @@ def test_run_writes_every_output_with_consistent_numbers(workspace, tmp_path, ca
 
 def test_prompt_images_and_grader_are_the_training_ones(workspace, tmp_path, monkeypatch):
     """The model sees build_prompt's prompt and images fitted to the pixel limits; scores come from the reward."""
-    from vppo_trl.eval import generation
+    from vppo_trl.tools.eval import generation
 
     seen = {}
 
@@ -219,7 +219,8 @@ def test_regrade_gives_the_run_and_follows_edited_samples(workspace, tmp_path):
 def test_interrupted_run_resumes_to_the_same_results(workspace, tmp_path):
     """A real process killed with SIGKILL half-way, restarted, ends with the uninterrupted run's results."""
     write_paper_data(tmp_path, {"hiyouga_geometry3k": "open"}, count=24, seed=5)
-    command = [sys.executable, "-m", "vppo_trl.eval", "--model", str(workspace / "model"), "--benchmarks", "geo3k",
+    command = [sys.executable, "-m", "vppo_trl.tools.eval", "--model", str(workspace / "model"),
+               "--benchmarks", "geo3k",
                "--data-root", str(tmp_path / "vppo-eval" / "data"), "--k", "2", "--max-new-tokens", "48",
                "--batch-size", "1", "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -256,7 +257,7 @@ def test_accelerate_launch_shards_problems_and_matches_one_process(workspace, tm
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(port), "-m", "vppo_trl.eval"]  # fmt: skip
+              "--main_process_port", str(port), "-m", "vppo_trl.tools.eval"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([*launch, *arguments, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
@@ -456,7 +457,7 @@ def test_registry_covers_the_paper_table():
 
 
 def test_hub_route_without_connection_is_one_line(workspace, tmp_path, monkeypatch, capsys):
-    from vppo_trl.eval import benchmarks
+    from vppo_trl.tools.eval import benchmarks
 
     def offline(source, *args, **kwargs):
         raise ConnectionError(f"Couldn't reach '{source}' on the Hub (LocalEntryNotFoundError)")

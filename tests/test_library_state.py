@@ -7,19 +7,19 @@ import textwrap
 
 IMPORTS = """
 import json, sys
-import vppo_trl.trainer
+import vppo_trl.method.trainer
 print(json.dumps(sorted(sys.modules)))
 """
 
 # Modules training does not need: the viewer, the command lines, evaluation, the demo, the test helpers, plotting.
 NOT_FOR_TRAINING = (
-    "vppo_trl.spotlight",
-    "vppo_trl.spotlight_callback",
-    "vppo_trl.spotlight_page",
+    "vppo_trl.tools.spotlight",
+    "vppo_trl.tools.spotlight_callback",
+    "vppo_trl.tools.spotlight_page",
     "vppo_trl.cli",
     "vppo_trl.train",
-    "vppo_trl.eval",
-    "vppo_trl.demo",
+    "vppo_trl.tools.eval",
+    "vppo_trl.tools.demo",
     "vppo_trl.testing",
     "matplotlib",
 )
@@ -28,7 +28,7 @@ NOT_FOR_TRAINING = (
 def test_importing_the_trainer_loads_no_viewer_cli_eval_demo_or_testing_module():
     printed = subprocess.run([sys.executable, "-c", IMPORTS], check=True, capture_output=True, text=True).stdout
     loaded = json.loads(printed.strip().splitlines()[-1])
-    assert "vppo_trl.trainer" in loaded
+    assert "vppo_trl.method.trainer" in loaded
     unwanted = [name for name in loaded if any(name == m or name.startswith(f"{m}.") for m in NOT_FOR_TRAINING)]
     assert unwanted == []
 
@@ -38,9 +38,9 @@ import json, sys
 import matplotlib
 matplotlib.use("svg")
 from PIL import Image
-from vppo_trl.eval.run import plot_comparison, plot_results
-from vppo_trl.spotlight import TokenPerception
-from vppo_trl.spotlight_page import save_distributions_png, save_perception_png
+from vppo_trl.tools.eval.run import plot_comparison, plot_results
+from vppo_trl.tools.spotlight import TokenPerception
+from vppo_trl.tools.spotlight_page import save_distributions_png, save_perception_png
 
 out = sys.argv[1]
 item = TokenPerception(tokens=["red", "<|im_end|>"], dependency=[0.5, 0.001], kept=[True, False],

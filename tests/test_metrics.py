@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vppo_trl.metrics import dependency_metrics, dependency_sums, guard_metrics
+from vppo_trl.method.metrics import dependency_metrics, dependency_sums, guard_metrics
 
 
 def test_dependency_metrics_by_hand():

@@ -4,7 +4,7 @@ import pytest
 from trl.trainer.utils import generate_model_card
 
 from vppo_trl import VPPOConfig
-from vppo_trl.model_card import SECTION_BEGIN, SECTION_END, append_vppo_section, vppo_model_card_section
+from vppo_trl.method.model_card import SECTION_BEGIN, SECTION_END, append_vppo_section, vppo_model_card_section
 
 
 def make_config(tmp_path, **kwargs) -> VPPOConfig:

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
 
-from vppo_trl.perturbations import (
+from vppo_trl.method.perturbations import (
     PixelLayout,
     image_tensor,
     perturb_images,

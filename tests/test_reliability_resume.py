@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from test_multiprocess import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from test_trainer import final_parameters, length_reward, make_trainer, vppo_args
 
-import vppo_trl.trainer as trainer_module
+import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOTrainer
-from vppo_trl.checkpoints import COMPLETE_MARKER, load_full_weights, newest_complete_checkpoint
-from vppo_trl.core import advantage_scales, kl_token_dependency, token_dependency, trajectory_dependency
+from vppo_trl.longrun.resume import COMPLETE_MARKER, load_full_weights, newest_complete_checkpoint
+from vppo_trl.method.core import advantage_scales, kl_token_dependency, token_dependency, trajectory_dependency
 from vppo_trl.testing import COLOURS, FAMILIES, build_tiny_vlm, make_colour_dataset
 
 SCRIPT = Path(__file__).parent / "scripts" / "resumable_run.py"

@@ -4,11 +4,11 @@ import pytest
 from trl import GRPOTrainer
 
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.checkpoints import ExactResumeMixin
-from vppo_trl.dynamic_sampling import DynamicSamplingMixin
-from vppo_trl.passes import VisualDependencyPassesMixin
-from vppo_trl.perturbations import PixelLayout
-from vppo_trl.shared_state import SharedState, SharedStateMixin
+from vppo_trl.longrun.dynamic_sampling import DynamicSamplingMixin
+from vppo_trl.longrun.resume import ExactResumeMixin
+from vppo_trl.method.passes import VisualDependencyPassesMixin
+from vppo_trl.method.perturbations import PixelLayout
+from vppo_trl.method.shared_state import SharedState, SharedStateMixin
 from vppo_trl.testing import COLOURS, build_tiny_vlm, colour_reward, make_colour_dataset
 
 

@@ -12,16 +12,6 @@ import torch
 from PIL import Image
 
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.spotlight import (
-    TokenPerception,
-    display_tokens,
-    measurement_settings,
-    perturbed_views,
-    sample_perceptions,
-    token_perception,
-    write_spotlight,
-)
-from vppo_trl.spotlight_page import KEPT_COLOUR, DependencyScale, fraction_colour, perception_page
 from vppo_trl.testing import (
     COLOUR_QUESTION,
     COLOURS,
@@ -30,6 +20,16 @@ from vppo_trl.testing import (
     make_colour_dataset,
     make_shape_image,
 )
+from vppo_trl.tools.spotlight import (
+    TokenPerception,
+    display_tokens,
+    measurement_settings,
+    perturbed_views,
+    sample_perceptions,
+    token_perception,
+    write_spotlight,
+)
+from vppo_trl.tools.spotlight_page import KEPT_COLOUR, DependencyScale, fraction_colour, perception_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -80,7 +80,7 @@ def test_measures_what_the_trainer_measures_for_one_batch_and_round(tmp_path, es
 def test_command_line_defaults_are_vppo_configs():
     from dataclasses import fields
 
-    from vppo_trl.spotlight import build_parser
+    from vppo_trl.tools.spotlight import build_parser
 
     _, settings = build_parser().parse_args_into_dataclasses(["--model", "m"])
     config = VPPOConfig(output_dir="unused", use_cpu=True, bf16=False)
@@ -262,7 +262,7 @@ def test_command_line_distributions_over_a_dataset(tmp_path, capsys):
 
 
 def test_every_option_has_help_text():
-    from vppo_trl.spotlight import build_parser
+    from vppo_trl.tools.spotlight import build_parser
 
     parser = build_parser()
     for action in parser._actions:

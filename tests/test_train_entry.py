@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from vppo_trl import cli
 from vppo_trl import data as data_module
 from vppo_trl import train as train_module
-from vppo_trl.model_card import SECTION_BEGIN
+from vppo_trl.method.model_card import SECTION_BEGIN
 from vppo_trl.testing import make_shape_image
 from vppo_trl.train import _load, main, make_parser
 
@@ -217,7 +217,7 @@ def test_train_help_lists_the_recipe_fields(capsys):
 def test_demo_is_forwarded(monkeypatch):
     calls = []
     demo = types.SimpleNamespace(main=lambda argv, prog: calls.append((argv, prog)))
-    monkeypatch.setitem(sys.modules, "vppo_trl.demo", demo)
+    monkeypatch.setitem(sys.modules, "vppo_trl.tools.demo", demo)
     cli.main(["demo", "--steps", "3", "--output-dir", "out"])
     assert calls == [(["--steps", "3", "--output-dir", "out"], "vppo-trl demo")]
 

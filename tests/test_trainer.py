@@ -10,12 +10,12 @@ from datasets import Dataset
 from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-import vppo_trl.passes as passes_module
-import vppo_trl.trainer as trainer_module
+import vppo_trl.method.passes as passes_module
+import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.batch_rows import model_inputs
-from vppo_trl.perturbations import perturb_original_images, perturb_pixel_values
-from vppo_trl.shared_state import has_dropout
+from vppo_trl.method.batch_rows import model_inputs
+from vppo_trl.method.perturbations import perturb_original_images, perturb_pixel_values
+from vppo_trl.method.shared_state import has_dropout
 from vppo_trl.testing import (
     COLOUR_QUESTION,
     COLOURS,

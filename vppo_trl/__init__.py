@@ -7,12 +7,12 @@ __version__ = "0.1.0"
 
 # Imported on first use, so that `vppo-trl --help` and the pure functions do not pay for importing TRL.
 _EXPORTS = {
-    "VPPOConfig": ".config",
-    "VPPOTrainer": ".trainer",
-    "advantage_scales": ".core",
-    "token_dependency": ".core",
-    "top_dependency_mask": ".core",
-    "trajectory_dependency": ".core",
+    "VPPOConfig": ".method.config",
+    "VPPOTrainer": ".method.trainer",
+    "advantage_scales": ".method.core",
+    "token_dependency": ".method.core",
+    "top_dependency_mask": ".method.core",
+    "trajectory_dependency": ".method.core",
 }
 
 __all__ = [
@@ -25,9 +25,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .config import VPPOConfig
-    from .core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
-    from .trainer import VPPOTrainer
+    from .method.config import VPPOConfig
+    from .method.core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
+    from .method.trainer import VPPOTrainer
 
 
 def __getattr__(name: str):

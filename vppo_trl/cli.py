@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> None:
 
         train_main(rest, prog="vppo-trl train")
     elif args.command == "demo":
-        from .demo import main as demo_main
+        from .tools.demo import main as demo_main
 
         demo_main(rest, prog="vppo-trl demo")
     elif args.command == "eval":
-        from .eval import main as eval_main
+        from .tools.eval import main as eval_main
 
         eval_main(rest)
     elif args.command == "tiny":
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
         tiny_main(rest, prog="vppo-trl tiny")
     else:
-        from .spotlight import main as spotlight_main
+        from .tools.spotlight import main as spotlight_main
 
         spotlight_main(rest)
 

@@ -316,7 +316,7 @@ def accelerate_config(device: str, folder: Path) -> tuple[Path, int]:
 def zero3(args: GpuCheckArguments, plan: PartPlan, out_dir: Path, log_dir: Path) -> dict[str, Any]:
     """recipes/qwen2_5_vl_7b_paper.yaml's settings under `accelerate launch --config_file
     recipes/accelerate/zero3.yaml`: `plan.steps` steps and a checkpoint, then a second launch resuming from it."""
-    from vppo_trl.checkpoints import is_complete
+    from vppo_trl.longrun.resume import is_complete
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_zero3_") as tmp:
         folder = Path(tmp)

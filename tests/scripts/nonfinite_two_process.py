@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-import vppo_trl.trainer as trainer_module
+import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
 

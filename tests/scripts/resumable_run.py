@@ -15,7 +15,7 @@ import signal
 import torch
 from transformers import TrainerCallback
 
-import vppo_trl.checkpoints as checkpoints_module
+import vppo_trl.longrun.resume as checkpoints_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
 

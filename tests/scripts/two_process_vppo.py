@@ -6,7 +6,7 @@ import sys
 import torch
 from datasets import Dataset
 
-import vppo_trl.trainer as trainer_module
+import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
 

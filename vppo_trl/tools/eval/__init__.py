@@ -1,6 +1,6 @@
 """Evaluate like the paper: avg@k on the paper's eight benchmarks with the training prompt and grader.
 
-`vppo-trl eval` (or `python -m vppo_trl.eval`) generates `k` samples per problem, grades them with the training
+`vppo-trl eval` (or `python -m vppo_trl.tools.eval`) generates `k` samples per problem, grades them with the training
 reward (`vppo_trl.rewards.accuracy_reward`), and reports avg@k, pass@k, maj@k, the share of answers without a
 `\\boxed{}` and the mean response length, per benchmark and averaged over benchmarks. `vppo-trl eval compare`
 compares runs with paired bootstrap intervals. From Python: [`evaluate`], [`regrade`], [`compare`].

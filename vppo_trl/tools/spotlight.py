@@ -1,13 +1,13 @@
 """See token perception: which tokens of a completion depend on the image, as VPPO measures it.
 
 [`token_perception`] scores one completion with the original and the perturbed image(s) through the functions
-VPPOTrainer measures with (`vppo_trl.passes`: the same seeded draw per completion and image, the same perturbation,
-the same estimators; `vppo_trl.core`: the same token filter and TAS), with [`VPPOConfig`]'s settings and defaults
-([`MeasurementSettings`]), and returns per-token dependencies. Its draw `d` of completion `i` is the draw training
-makes for completion `i` of its generation batch in round `d + 1` on process 0.
+VPPOTrainer measures with (`vppo_trl.method.passes`: the same seeded draw per completion and image, the same
+perturbation, the same estimators; `vppo_trl.method.core`: the same token filter and TAS), with [`VPPOConfig`]'s
+settings and defaults ([`MeasurementSettings`]), and returns per-token dependencies. Its draw `d` of completion `i`
+is the draw training makes for completion `i` of its generation batch in round `d + 1` on process 0.
 [`sample_perceptions`] does it for several completions of one prompt, sampled like training, with the TAS scale and
-reward each gets. `vppo_trl.spotlight_page` draws them (HTML page, PNG, distributions); `vppo-trl spotlight` is the
-command line.
+reward each gets. `vppo_trl.tools.spotlight_page` draws them (HTML page, PNG, distributions); `vppo-trl spotlight`
+is the command line.
 """
 
 import json
@@ -22,11 +22,17 @@ from PIL import Image
 from transformers import HfArgumentParser
 from trl.data_utils import prepare_multimodal_messages
 
-from .config import VPPOConfig
-from .core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
-from .passes import IMAGES_KEY, completion_hidden_states, kl_chunk_dependency, perturb_batch_images, perturbation_seeds
-from .perturbations import PixelLayout
-from .rewards import REWARD_FUNCTIONS
+from ..method.config import VPPOConfig
+from ..method.core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
+from ..method.passes import (
+    IMAGES_KEY,
+    completion_hidden_states,
+    kl_chunk_dependency,
+    perturb_batch_images,
+    perturbation_seeds,
+)
+from ..method.perturbations import PixelLayout
+from ..rewards import REWARD_FUNCTIONS
 from .spotlight_page import CONTINUATION
 
 # Most tokens one character can be split over (UTF-8 has at most 4 bytes per character).
@@ -615,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"cannot read image {path!r}: {error}")
     reward_func = None
     if args.answer is not None or args.dataset is not None:
-        from .rewards import resolve_reward_functions
+        from ..rewards import resolve_reward_functions
 
         try:
             (reward_func,) = resolve_reward_functions([args.reward])
@@ -630,7 +636,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot load model {args.model!r}: {str(error).strip().splitlines()[0]}")
     measurement = dict(settings=settings, max_new_tokens=args.max_new_tokens, seed=args.seed, draws=args.draws)
     if args.dataset is not None:
-        from .data import load_vppo_dataset
+        from ..data import load_vppo_dataset
 
         try:
             dataset, _ = load_vppo_dataset(args.dataset, args.split, max_rows=args.max_rows)

@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import (
+from ...data import (
     INSTRUCTION_SUFFIX,
     ON_BAD_ROW_CHOICES,
     PAPER_MAX_PIXELS,
@@ -15,7 +15,7 @@ from ..data import (
     fit_image_pixels,
     load_vppo_dataset,
 )
-from ..rewards import accuracy_reward, extract_boxed_answer
+from ...rewards import accuracy_reward, extract_boxed_answer
 from .benchmarks import load_benchmark, resolve_benchmarks
 from .generation import VLLM_MISSING, chunk_seed
 from .metrics import benchmark_metrics, paired_bootstrap

@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import gather_object
 from PIL import Image
 
-from .shared_state import SharedStateMixin
+from ..method.shared_state import SharedStateMixin
 
 
 def _image_embeddings(output: Any) -> torch.Tensor:

@@ -5,7 +5,7 @@ completions that need measuring (on the images as loaded, or on the processed pi
 perturbed-image passes of the `k3` and `kl` estimators, in eval mode and without gradient, with the same number of
 passes on every process where parameters are sharded.
 
-The module-level functions are the measurement itself, shared with `vppo_trl.spotlight`: [`perturbation_seeds`]
+The module-level functions are the measurement itself, shared with `vppo_trl.tools.spotlight`: [`perturbation_seeds`]
 (each image's draw, from the seed, the round, the process and the completion's index, whatever else is measured),
 [`perturb_batch_images`], [`completion_hidden_states`] and [`kl_chunk_dependency`].
 """

@@ -17,8 +17,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
-from .batch_rows import concatenate_rows, select_rows
-from .shared_state import SharedStateMixin
+from ..method.batch_rows import concatenate_rows, select_rows
+from ..method.shared_state import SharedStateMixin
 
 logger = logging.get_logger(__name__)
 

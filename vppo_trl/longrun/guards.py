@@ -6,7 +6,7 @@ import warnings
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
-from .shared_state import SharedStateMixin
+from ..method.shared_state import SharedStateMixin
 
 # Marks a `step` already wrapped by the guard.
 GUARDED_STEP = "_skips_nonfinite_loss_steps"

@@ -30,7 +30,7 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
-from .shared_state import SharedStateMixin
+from ..method.shared_state import SharedStateMixin
 
 logger = logging.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from ..data import INSTRUCTION_SUFFIX, load_vppo_dataset
+from ...data import INSTRUCTION_SUFFIX, load_vppo_dataset
 
 PAPER_DATA_ID = "chamber111/VPPO-Eval"
 

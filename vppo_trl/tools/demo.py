@@ -1,7 +1,7 @@
 """CPU demo: VPPO teaches a tiny vision-language model to say the colour of a shape, in about a minute, offline.
 
-Run it with `python -m vppo_trl.demo` (`--help` for the flags; docs/demo.md explains each choice). Everything is built
-locally, nothing is downloaded:
+Run it with `vppo-trl demo` or `python -m vppo_trl.tools.demo` (`--help` for the flags; docs/demo.md explains each
+choice). Everything is built locally, nothing is downloaded:
 
 1. Model: a tiny, randomly initialised Qwen2.5-VL (~0.25M parameters) with a local tokenizer in which every colour
    word is one token, and the real Qwen2.5-VL processor (`vppo_trl.testing`).
@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .testing import (
+from ..testing import (
     COLOURS,
     build_model,
     build_processor,
@@ -95,7 +95,7 @@ TABLE_METRICS = (
 
 @dataclass
 class DemoArguments:
-    """Flags of the CPU demo (`python -m vppo_trl.demo --help`)."""
+    """Flags of the CPU demo (`python -m vppo_trl.tools.demo --help`)."""
 
     steps: int = field(
         default=150, metadata={"help": "Most RL optimizer steps (8 prompts x 8 completions each); see --stop-reward."}
@@ -146,7 +146,7 @@ class DemoArguments:
             raise ValueError(f"--warm-start-steps must be >= 0, got {self.warm_start_steps}")
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "python -m vppo_trl.demo") -> DemoArguments:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m vppo_trl.tools.demo") -> DemoArguments:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(
@@ -495,7 +495,7 @@ def train_policy(method: str, args: DemoArguments, start: WarmStart, output_dir:
     """Train the warm-start policy with `method` ("vppo" or "grpo"); both get the same data, seed and settings."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from . import VPPOConfig, VPPOTrainer
+    from .. import VPPOConfig, VPPOTrainer
 
     policy = load_policy(start.folder, start.masked)
     settings = dict(
@@ -640,7 +640,7 @@ def verdict(summary: dict[str, Any], quick: bool) -> str:
     return f"did NOT learn: {change} (learned means >= {LEARNED_REWARD} and >= {LEARNED_ACCURACY})"
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m vppo_trl.demo") -> dict[str, Any]:
+def main(argv: list[str] | None = None, prog: str = "python -m vppo_trl.tools.demo") -> dict[str, Any]:
     """Run the demo; returns the summary that is also written to `summary.json`."""
     args = parse_args(argv, prog)
     with quiet_libraries():

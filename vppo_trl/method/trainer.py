@@ -10,7 +10,11 @@ from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .checkpoints import ExactResumeMixin
+from ..data import check_prompt_lengths
+from ..longrun.dynamic_sampling import DynamicSamplingMixin
+from ..longrun.guards import NonFiniteLossGuardMixin
+from ..longrun.imageless import ImagelessProcessMixin
+from ..longrun.resume import ExactResumeMixin
 from .config import VPPOConfig
 from .core import (
     TOKEN_SUM_LOSS_TYPES,
@@ -26,14 +30,10 @@ from .core import (
     top_entropy_mask,
     trajectory_dependency,
 )
-from .data import check_prompt_lengths
-from .dynamic_sampling import DynamicSamplingMixin
-from .guards import NonFiniteLossGuardMixin
 from .metrics import dependency_metrics, dependency_sums, guard_metrics
 from .model_card import append_vppo_section
 from .passes import VisualDependencyPassesMixin, check_vision_model
 from .perturbations import PixelLayout
-from .vision_sync import ImagelessProcessMixin
 
 logger = logging.get_logger(__name__)
 
@@ -102,7 +102,7 @@ class VPPOTrainer(
         self._policy_logps: torch.Tensor | None = None
         self._warned_without_images = False
         if args.spotlight_steps > 0:
-            from .spotlight_callback import SpotlightCallback  # the viewer is loaded only when it is asked for
+            from ..tools.spotlight_callback import SpotlightCallback  # the viewer is loaded only when it is asked for
 
             self.add_callback(SpotlightCallback(self))
         columns = getattr(self.train_dataset, "column_names", None)

@@ -220,7 +220,7 @@ def perception_page(
     trajectory dependency) with its tokens shaded by visual dependency, the TGF-kept ones boxed.
 
     Args:
-        perceptions: [`~vppo_trl.spotlight.TokenPerception`]s of completions of the same prompt.
+        perceptions: [`~vppo_trl.tools.spotlight.TokenPerception`]s of completions of the same prompt.
         images: the images as the model sees them (after the processor's resizing).
         perturbed_images: their perturbed copies (the draw that was measured first).
         prompt: the prompt text.

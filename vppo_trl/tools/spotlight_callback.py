@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from .batch_rows import select_rows
-from .core import trajectory_dependency
-from .passes import COMPLETION_INDEX_KEY
+from ..method.batch_rows import select_rows
+from ..method.core import trajectory_dependency
+from ..method.passes import COMPLETION_INDEX_KEY
 from .spotlight import TokenPerception, display_tokens, pixels_to_pil, write_spotlight
 from .spotlight_page import shares_above
 

@@ -1,0 +1,1 @@
+"""Tools around training: the token-perception spotlight, evaluation and the CPU demo."""
