@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from .method.perturbations import PixelLayout
+from .perturbations import PixelLayout
 
 # (earlier, later, why): `earlier` must come before `later` in the method resolution order of any class using both.
 MIXIN_ORDER = (
