@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vppo_trl import demo  # noqa: E402
+from vppo_trl.tools import demo  # noqa: E402
 
 METHODS = ("vppo", "grpo")
 

@@ -54,7 +54,6 @@ from typing import Any
 
 import torch
 
-from vppo_trl import demo
 from vppo_trl.testing import (
     COLOURS,
     build_model,
@@ -64,6 +63,7 @@ from vppo_trl.testing import (
     make_colour_dataset,
     suppressed_token_ids,
 )
+from vppo_trl.tools import demo
 
 METHODS: dict[str, dict[str, Any]] = {
     "grpo": {"token_filter_ratio": 1.0, "advantage_shaping": False},

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vppo_trl import demo
 from vppo_trl.testing import COLOURS, build_tiny_vlm, suppressed_token_ids
+from vppo_trl.tools import demo
 
 SWEEP_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_sweep.py"
 
