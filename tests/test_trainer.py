@@ -129,9 +129,9 @@ def test_trains_each_family_and_logs_vppo_metrics(tmp_path, family):
     assert any(not torch.equal(before[n], after[n]) for n in before if "visual" in n)  # the vision tower trains
 
 
-def test_equivalent_to_grpo_with_everything_off(tmp_path):
+def train_grpo_and_vppo(tmp_path, **settings) -> tuple[GRPOTrainer, VPPOTrainer]:
+    """GRPOTrainer and VPPOTrainer (with `settings`) trained from the same model, data and sampling draws."""
     dataset = make_colour_dataset(32, seed=1)
-    settings = dict(token_filter_ratio=1.0, advantage_shaping=False, entropy_penalty_coef=0.0)
     model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=3)
     grpo = GRPOTrainer(
         model=copy.deepcopy(model),
@@ -152,6 +152,13 @@ def test_equivalent_to_grpo_with_everything_off(tmp_path):
         trainer.train()
     for name, value in final_parameters(grpo).items():
         torch.testing.assert_close(final_parameters(vppo)[name], value, rtol=0, atol=0, msg=name)
+    return grpo, vppo
+
+
+def test_equivalent_to_grpo_with_everything_off(tmp_path):
+    grpo, vppo = train_grpo_and_vppo(
+        tmp_path, token_filter_ratio=1.0, advantage_shaping=False, entropy_penalty_coef=0.0
+    )
     for grpo_log, vppo_log in zip(grpo.state.log_history, vppo.state.log_history, strict=True):
         for key, value in grpo_log.items():
             if key not in TIMING_KEYS:
@@ -161,28 +168,9 @@ def test_equivalent_to_grpo_with_everything_off(tmp_path):
 
 def test_closed_cold_start_guard_trains_exactly_like_grpo(tmp_path):
     # TGF at 0.4 and TAS with the dynamic range, but a guard that no dependency opens (they are clamped at 10).
-    dataset = make_colour_dataset(32, seed=1)
-    settings = dict(cold_start_guard=True, cold_start_guard_floor=10.0, cold_start_guard_full=20.0)
-    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=3)
-    grpo = GRPOTrainer(
-        model=copy.deepcopy(model),
-        reward_funcs=length_reward,
-        args=grpo_args(tmp_path / "grpo"),
-        train_dataset=dataset,
-        processing_class=processor,
+    _, vppo = train_grpo_and_vppo(
+        tmp_path, cold_start_guard=True, cold_start_guard_floor=10.0, cold_start_guard_full=20.0
     )
-    vppo = VPPOTrainer(
-        model=copy.deepcopy(model),
-        reward_funcs=length_reward,
-        args=vppo_args(tmp_path / "vppo", **settings),
-        train_dataset=dataset,
-        processing_class=processor,
-    )
-    for trainer in (grpo, vppo):
-        set_seed(7)
-        trainer.train()
-    for name, value in final_parameters(grpo).items():
-        torch.testing.assert_close(final_parameters(vppo)[name], value, rtol=0, atol=0, msg=name)
     logs = [entry for entry in vppo.state.log_history if "loss" in entry]
     assert [entry["vppo/guard_openness"] for entry in logs] == [0.0, 0.0]
     assert [entry["vppo/guard_filter_ratio"] for entry in logs] == [1.0, 1.0]
