@@ -549,14 +549,14 @@ class TinyWorkspaceArguments:
 
 def tiny_main(argv: list[str] | None = None, prog: str = "vppo-trl tiny") -> dict[str, Path]:
     """`vppo-trl tiny`: build the model and data of recipes/cpu_demo.yaml locally (nothing is downloaded)."""
-    from transformers import HfArgumentParser
+    from .command_line import CommandLineParser
 
-    parser = HfArgumentParser(
+    parser = CommandLineParser(
         TinyWorkspaceArguments,
         prog=prog,
         description="Write the tiny Qwen2.5-VL and colour dataset that recipes/cpu_demo.yaml trains on.",
     )
-    (args,) = parser.parse_args_into_dataclasses(argv)
+    (args,) = parser.parse_dataclasses(argv)
     if args.num_rows < 1:
         parser.error(f"--num-rows must be >= 1, got {args.num_rows}")
     paths = save_tiny_workspace(args.output_dir, args.num_rows, args.seed)

@@ -14,7 +14,6 @@ The recipe's keys are the fields of [`VPPOScriptArguments`], [`VPPOConfig`] and 
 """
 
 import argparse
-import difflib
 import os
 import sys
 import warnings
@@ -32,6 +31,7 @@ from huggingface_hub.utils import validate_repo_id
 from packaging.version import Version
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
+from .command_line import CommandLineParser, did_you_mean
 from .data import ON_BAD_ROW_CHOICES, BadInputError, DataReport, load_vppo_dataset
 from .method.config import VPPOConfig
 from .method.trainer import VPPOTrainer
@@ -136,36 +136,19 @@ class VPPOScriptArguments:
             raise ValueError(f"min_pixels={self.min_pixels} must not exceed max_pixels={self.max_pixels}.")
 
 
-class RecipeParser(TrlParser):
+class RecipeParser(CommandLineParser, TrlParser):
     """
     TrlParser whose mistakes end in one line: an unknown recipe key or flag (with the closest valid name), or a
     recipe value of the wrong type (argparse checks the types of command-line values, not of YAML numbers).
     """
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")  # argparse would print the whole usage first
-
     def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
         actions = {action.dest: action for action in self._actions}
         for key, value in kwargs.items():
             if key not in actions:
-                raise ValueError(f"unknown recipe key {key!r}{_did_you_mean(key, actions)}")
+                raise ValueError(f"unknown recipe key {key!r}{did_you_mean(key, actions)}")
             kwargs[key] = _recipe_value(actions[key], key, value)
         return super().set_defaults_with_config(**kwargs)
-
-    def parse_known_args(self, args=None, namespace=None):
-        namespace, unknown = super().parse_known_args(args, namespace)
-        if unknown:  # HfArgumentParser would raise a ValueError listing them, without a suggestion
-            name = unknown[0].split("=", 1)[0]
-            flags = [option for action in self._actions for option in action.option_strings]
-            hint = _did_you_mean(name, flags) if name.startswith("-") else ""
-            self.error(f"unknown argument {name!r}{hint}")
-        return namespace, unknown
-
-
-def _did_you_mean(name: str, valid_names) -> str:
-    matches = difflib.get_close_matches(name, list(valid_names), n=1)
-    return f" (did you mean {matches[0]!r}?)" if matches else ""
 
 
 def _recipe_value(action: argparse.Action, key: str, value: Any) -> Any:

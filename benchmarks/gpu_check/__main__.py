@@ -12,17 +12,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser
+from vppo_trl.command_line import CommandLineParser
 
 from .settings import DEFAULT_BUDGET_S, PLANS, GpuCheckArguments
 
 
 def parse(argv: list[str] | None) -> GpuCheckArguments:
-    parser = HfArgumentParser(GpuCheckArguments, prog="python -m benchmarks.gpu_check")
-    try:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-    except ValueError as error:  # __post_init__'s checks
-        parser.error(str(error))
+    parser = CommandLineParser(GpuCheckArguments, prog="python -m benchmarks.gpu_check")
+    (args,) = parser.parse_dataclasses(argv)
     return args
 
 

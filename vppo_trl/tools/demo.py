@@ -147,17 +147,14 @@ class DemoArguments:
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m vppo_trl.tools.demo") -> DemoArguments:
-    from transformers import HfArgumentParser
+    from ..command_line import CommandLineParser
 
-    parser = HfArgumentParser(
+    parser = CommandLineParser(
         DemoArguments,
         prog=prog,
         description="Train a tiny vision-language model with VPPO on CPU to say the colour of a shape.",
     )
-    try:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-    except ValueError as error:
-        parser.error(str(error))
+    (args,) = parser.parse_dataclasses(argv)
     return args
 
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from PIL import Image
-from transformers import HfArgumentParser
 from trl.data_utils import prepare_multimodal_messages
 
+from ..command_line import CommandLineParser
 from ..method.config import VPPOConfig
 from ..method.core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
 from ..method.passes import (
@@ -585,9 +585,9 @@ class SpotlightArguments:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_parser() -> HfArgumentParser:
+def build_parser() -> CommandLineParser:
     """The parser of `vppo-trl spotlight`: its own arguments, and VPPOConfig's measurement fields and defaults."""
-    return HfArgumentParser(
+    return CommandLineParser(
         (SpotlightArguments, MeasurementSettings),
         prog="vppo-trl spotlight",
         description="Show which tokens of a model's answers depend on the image, measured exactly as VPPOTrainer "
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     parser = build_parser()
-    args, settings = parser.parse_args_into_dataclasses(argv)
+    args, settings = parser.parse_dataclasses(argv)
 
     def fail(message: str):
         """One line naming the problem (argparse's `error` would print the whole usage first)."""

@@ -4,8 +4,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
+from ...command_line import CommandLineParser
 from .benchmarks import BENCHMARKS
 
 
@@ -22,11 +21,11 @@ class EvalCommand:
     )
 
 
-def _eval_parser(prog: str) -> HfArgumentParser:
+def _eval_parser(prog: str) -> CommandLineParser:
     """The flags of `EvalConfig`'s fields (its defaults and help), and `--regrade`."""
     from .run import EvalConfig
 
-    parser = HfArgumentParser(
+    parser = CommandLineParser(
         (EvalConfig, EvalCommand),
         prog=prog,
         description="Evaluate a vision-language model like the VPPO paper: k samples per problem with the training "
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None, prog: str = "vppo-trl eval") -> None:
         print(f"Wrote {args.output_dir}/compare.md, compare.json and compare.png")
         return
     parser = _eval_parser(prog)
-    config, command = parser.parse_args_into_dataclasses(argv)
+    config, command = parser.parse_dataclasses(argv)
     try:
         results = regrade(config.output_dir) if command.regrade else evaluate(config)
     except (ValueError, OSError, RuntimeError) as error:  # OSError: missing files, no Hub connection
