@@ -116,6 +116,24 @@ def test_samples_several_completions_with_rewards_and_scales(tmp_path):
         assert png.width > 800 and distributions.width > 800
 
 
+def test_tas_scales_take_the_training_cap_on_the_dynamic_beta_max():
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    image = make_shape_image("blue", random.Random(1))
+
+    def alternating_reward(completions, **kwargs):
+        return [float(index % 2) for index in range(len(completions))]
+
+    def largest_scale(**settings) -> float:
+        perceptions = sample_perceptions(
+            model, processor, COLOUR_QUESTION, [image], num_completions=6, answer="blue",
+            reward_func=alternating_reward, max_new_tokens=5, draws=1, **settings,
+        )  # fmt: skip
+        return max(item.advantage_scale for item in perceptions)
+
+    assert largest_scale() > 1.0  # the dynamic range gives the most image-dependent completion more than 1
+    assert largest_scale(advantage_scale_max_cap=1.0) <= 1.0 + 1e-6
+
+
 def test_special_tokens_by_name_and_split_characters_without_replacement_characters():
     _, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
     tokenizer = processor.tokenizer

@@ -50,6 +50,7 @@ MEASUREMENT_ALIASES = {
     "token_filter_ratio": [],
     "advantage_scale_min": [],
     "advantage_scale_max": [],
+    "advantage_scale_max_cap": [],
     "temperature": [],
 }
 
@@ -312,7 +313,8 @@ def token_perception(
     ids = completion_ids.tolist()
     tokens, special = display_tokens(processor.tokenizer, ids)
     shown = asdict(settings)
-    shown.pop("advantage_scale_min"), shown.pop("advantage_scale_max")
+    for tas_setting in ("advantage_scale_min", "advantage_scale_max", "advantage_scale_max_cap"):
+        shown.pop(tas_setting)
     return TokenPerception(
         tokens=tokens,
         dependency=dependency[0].tolist(),
@@ -426,7 +428,13 @@ def sample_perceptions(
             item.reward, item.advantage = float(reward), float(reward) - mean
         valid = torch.tensor([item.advantage != 0 for item in perceptions])
     dependencies = torch.tensor([item.trajectory_dependency for item in perceptions])
-    scales = advantage_scales(dependencies, valid, settings.advantage_scale_min, settings.advantage_scale_max)
+    scales = advantage_scales(
+        dependencies,
+        valid,
+        settings.advantage_scale_min,
+        settings.advantage_scale_max,
+        settings.advantage_scale_max_cap,
+    )
     for item, scale in zip(perceptions, scales.tolist(), strict=True):
         item.advantage_scale = scale
     return perceptions
