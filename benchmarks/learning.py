@@ -73,12 +73,20 @@ METHODS: dict[str, dict[str, Any]] = {
     "random": {"token_filter_criterion": "random"},
     "entropy": {"token_filter_criterion": "entropy"},
     "vppo_guard": {"cold_start_guard": True},
+    "vppo_guard_level": {"cold_start_guard": True, "cold_start_guard_balance": False},
     "vppo_official_tas": {"skip_zero_advantage": False},
 }
 # Methods whose TAS statistics include the zero-advantage completions, as the official code's (see RecordingTrainer).
 OFFICIAL_TAS_METHODS = ("vppo_official_tas",)
 # Paired comparisons of the final reward, (method, baseline), per seed; reported where both methods ran.
-PAIRS = (("vppo", "grpo"), ("vppo_guard", "grpo"), ("vppo_guard", "vppo"), ("vppo_official_tas", "vppo"))
+PAIRS = (
+    ("vppo", "grpo"),
+    ("vppo_guard", "grpo"),
+    ("vppo_guard", "vppo"),
+    ("vppo_guard_level", "grpo"),
+    ("vppo_guard", "vppo_guard_level"),
+    ("vppo_official_tas", "vppo"),
+)
 BOOTSTRAP_RESAMPLES = 10_000
 DEFAULT_METHODS = ("grpo", "vppo", "tgf_only", "tas_only", "random")
 TASKS = ("colour", "filler")
@@ -86,6 +94,9 @@ FILLERS = ("so", "the", "answer", "is", "now", "well", "yes", "okay")
 NUM_FILLERS = 4
 # Completion tokens: the answer and <|im_end|>, with room for nothing else (the demo's 4 for the one-word task).
 MAX_COMPLETION_LENGTH = {"colour": 4, "filler": NUM_FILLERS + 2}
+# The warm start's AdamW rate, every parameter alike: the CPU demo's until its warm start changed (issue 15), kept so
+# that the sweeps of LEARNING.md start from the same kind of policy (60 steps give a loss of about ln(4)/2 = 0.69).
+WARM_START_LR = 3e-3
 WINDOW = 20  # steps of the moving average that steps-to-threshold and the final reward are read from
 THRESHOLD = 0.5  # chance is 0.25
 
@@ -127,7 +138,9 @@ def build_warm_start(output_dir: Path, task: str, seed: int, steps: int, seen_sh
     processor = build_processor("qwen2_5_vl", tokenizer)
     model = build_model("qwen2_5_vl", tokenizer, seed=seed)
     make_answer = warm_start_answer(task, seen_share)
-    loss = demo.warm_start(model, processor, steps, seed=seed + 1, make_answer=make_answer)
+    loss = demo.warm_start(
+        model, processor, steps, seed=seed + 1, make_answer=make_answer, learning_rate=WARM_START_LR
+    )
     path = warm_start_dir(output_dir, task, seed)
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -136,6 +149,7 @@ def build_warm_start(output_dir: Path, task: str, seed: int, steps: int, seen_sh
 
 def make_recording_trainer_class():
     from vppo_trl import VPPOTrainer
+    from vppo_trl.method.core import sign_scale_gap
     from vppo_trl.method.trainer import loss_mask
 
     class RecordingTrainer(VPPOTrainer):
@@ -149,8 +163,10 @@ def make_recording_trainer_class():
             # batch: one process, steps_per_generation 1) and over every completion, zero advantages included (all
             # measured, as skip_zero_advantage is off). Zero-advantage completions keep their zero advantage.
             statistics_rows = measured if self.official_tas_statistics else shapeable
+            advantages = batch["advantages"].clone()
             super()._shape_advantages(batch, dependency, measured, statistics_rows, with_image, entropies=entropies)
             mask = loss_mask(batch).bool()
+            self._log_scales_by_sign(advantages, batch["advantages"], shapeable)
             colour = torch.isin(batch["completion_ids"], self.colour_ids.to(mask.device)) & mask
             # The first colour word is the one the reward reads; later ones (rare) count as other tokens.
             first = colour & (colour.cumsum(-1) == 1)
@@ -168,6 +184,24 @@ def make_recording_trainer_class():
                 metrics["learning/tokens_kept"].append(
                     (kept[trained] & mask[trained]).sum().item() / mask[trained].sum().item()
                 )
+
+        def _log_scales_by_sign(self, advantages, shaped, shapeable) -> None:
+            """
+            The TAS scales applied, read back from the shaped advantages: their gap between the two sides of the
+            advantage's sign (`sign_scale_gap`, after the guard's balance if any) and the mean shaped advantage (0 for
+            GRPO, whose group advantages sum to 0). A scale that follows the sign tilts the update towards pushing
+            every sampled answer down (or up).
+            """
+            rows = shapeable & (advantages != 0)
+            if not rows.any():
+                return
+            scaled = shaped.abs().amax(-1) if shaped.dim() == 2 else shaped.abs()
+            scales = torch.where(rows, scaled / advantages.abs().clamp(min=1e-12), torch.ones_like(scaled))
+            metrics = self._metrics["train"]
+            gap = sign_scale_gap(scales, advantages, rows)
+            if gap is not None:
+                metrics["learning/scale_gap"].append(gap)
+            metrics["learning/net_advantage"].append((scales * advantages)[rows].mean().item())
 
     return RecordingTrainer
 
@@ -244,7 +278,9 @@ def train_one(
     seconds = time.perf_counter() - start
     keys = ("reward", "vppo/token_fraction", "vppo/dependency_selected_mean", "vppo/dependency_rejected_mean")
     keys += ("vppo/advantage_scale_max", "vppo/guard_openness", "vppo/guard_dependency", "vppo/guard_filter_ratio")
+    keys += ("vppo/guard_sign_gap",)
     keys += ("learning/colour_dependency", "learning/other_dependency", "learning/colour_kept", "learning/tokens_kept")
+    keys += ("learning/scale_gap", "learning/net_advantage", "entropy")
     log = [{key: entry.get(key) for key in ("step", *keys)} for entry in demo.step_logs(trainer.state.log_history)]
     result = {"task": task, "method": method, "seed": seed, "steps": steps, "train_seconds": seconds, "log": log}
     runs = output_dir / "runs"

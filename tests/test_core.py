@@ -15,6 +15,8 @@ from vppo_trl.method.core import (
     kept_token_counts,
     kl_token_dependency,
     random_token_mask,
+    sign_balanced_scales,
+    sign_scale_gap,
     top_entropy_mask,
 )
 
@@ -287,6 +289,32 @@ class TestColdStartGuard:
         half = guarded_advantage_scales(scales, 0.5)
         torch.testing.assert_close(half, (scales + 1.0) / 2)
         assert half.mean().item() == pytest.approx(1.0, abs=1e-6) and half.min().item() >= 0.9
+
+    def test_sign_balance_keeps_grpo_credit_on_each_side_and_tas_order_within_it(self):
+        advantages = torch.tensor([1.5, 0.5, -0.5, -1.0, -1.0, 0.0, 2.0])
+        valid = torch.tensor([True, True, True, True, True, True, False])
+        # k3's tilt: the wrong (negative) answers have the larger dependencies, so the larger scales
+        scales = advantage_scales(torch.tensor([0.1, 0.2, 0.9, 0.8, 1.0, 0.5, 3.0]), valid)
+        assert sign_scale_gap(scales, advantages, valid) > 0.1
+        balanced = sign_balanced_scales(scales, advantages, valid)
+        shaped = balanced * advantages
+        rows = valid & (advantages != 0)
+        # each side hands out GRPO's credit, so the batch's net is GRPO's
+        for side in (advantages > 0, advantages < 0):
+            assert shaped[side & rows].sum().item() == pytest.approx(advantages[side & rows].sum().item())
+        assert shaped[rows].sum().item() == pytest.approx(advantages[rows].sum().item())
+        assert sign_scale_gap(balanced, advantages, valid) == pytest.approx(0.0, abs=1e-6)
+        # within a side, TAS's ratios are kept; rows outside TAS or with no advantage are untouched
+        assert (balanced[0] / balanced[1]).item() == pytest.approx((scales[0] / scales[1]).item())
+        assert (balanced[2] / balanced[4]).item() == pytest.approx((scales[2] / scales[4]).item())
+        assert balanced[5] == scales[5] and balanced[6] == scales[6] == 1.0
+
+    def test_sign_balance_of_grpo_scales_is_grpo(self):
+        advantages = torch.randn(16, generator=torch.Generator().manual_seed(3))
+        ones = torch.ones(16)
+        balanced = sign_balanced_scales(ones, advantages, torch.ones(16, dtype=torch.bool))
+        torch.testing.assert_close(balanced, ones, rtol=0, atol=0)
+        assert sign_scale_gap(ones, advantages, advantages > 0) is None  # one side only: no gap to read
 
     def test_statistic_reads_the_kept_tokens_of_the_rows_with_a_gradient(self):
         dependency = torch.tensor([[0.5, 0.1, 0.0, 0.2], [9.0, 9.0, 9.0, 9.0], [0.3, 0.0, 0.0, 0.0]])

@@ -196,13 +196,30 @@ def test_cold_start_guard_on_synthetic_dependencies(tmp_path):
     closed = shaped_advantages(trainer, batch, noise)
     torch.testing.assert_close(closed, batch["advantages"].unsqueeze(-1) * mask, rtol=0, atol=0)
     assert trainer._metrics["train"]["vppo/guard_openness"][-1] == 0.0
-    # A clear perceptual token in every completion: the guard opens and VPPO's weighting is left as it is.
+    # A clear perceptual token in every completion: the guard opens. Without the sign balance VPPO's weighting is left
+    # as it is; with it, TGF keeps VPPO's tokens and each side of the advantage's sign keeps VPPO's scales up to one
+    # factor, which gives that side GRPO's total credit.
     perceptual = noise.clone()
     perceptual[torch.arange(len(mask)), mask.argmax(-1)] = 2.0
     opened = shaped_advantages(trainer, batch, perceptual)
     assert trainer._metrics["train"]["vppo/guard_openness"][-1] == 1.0
+    trainer.args.cold_start_guard_balance = False
+    unbalanced = shaped_advantages(trainer, batch, perceptual)
     trainer.args.cold_start_guard = False
-    torch.testing.assert_close(opened, shaped_advantages(trainer, batch, perceptual), rtol=0, atol=0)
+    vppo = shaped_advantages(trainer, batch, perceptual)
+    torch.testing.assert_close(unbalanced, vppo, rtol=0, atol=0)
+    assert torch.equal(opened != 0, vppo != 0)
+    advantages = batch["advantages"]
+    kept = (vppo != 0).sum(-1).clamp(min=1)
+    balanced_scales = opened.sum(-1) / kept / advantages.where(advantages != 0, 1.0)
+    vppo_scales = vppo.sum(-1) / kept / advantages.where(advantages != 0, 1.0)
+    for side in (advantages > 0, advantages < 0):
+        assert side.sum() >= 2
+        weights = advantages[side].abs()
+        assert (balanced_scales[side] * weights).sum().item() == pytest.approx(weights.sum().item(), rel=1e-5)
+        factors = balanced_scales[side] / vppo_scales[side]
+        torch.testing.assert_close(factors, factors[:1].expand_as(factors))
+    assert not torch.equal(vppo_scales, torch.ones_like(vppo_scales))  # TAS did shape
     assert not torch.equal(opened, closed)
 
 

@@ -90,6 +90,11 @@ class VPPOConfig(GRPOConfig):
             Mean kept-token dependency (nats) at and below which the guard is closed.
         cold_start_guard_full (`float`, *optional*, defaults to `0.2`):
             Mean kept-token dependency (nats) at and above which the guard is fully open.
+        cold_start_guard_balance (`bool`, *optional*, defaults to `True`):
+            With the guard on, also rescale the TAS scales so that on each side of the advantage's sign their
+            `|advantage|`-weighted mean is 1: TAS then moves credit among the completions of one sign and no longer
+            changes how much the batch pushes answers up or down (k3 gives wrong answers larger dependencies than
+            right ones). Logged as `vppo/guard_sign_gap`, the gap it removes. Unused without the guard.
         dynamic_sampling (`bool`, *optional*, defaults to `False`):
             DAPO's dynamic sampling, the paper's base algorithm: prompt groups whose rewards carry no learning signal
             are dropped and more prompts, the next ones of the training data, are generated until every process holds
@@ -197,6 +202,13 @@ class VPPOConfig(GRPOConfig):
     )
     cold_start_guard_full: float = field(
         default=0.2, metadata={"help": "Kept-token mean dependency (nats) at and above which the guard is open."}
+    )
+    cold_start_guard_balance: bool = field(
+        default=True,
+        metadata={
+            "help": "With the guard on, keep the TAS scales' weighted mean at 1 on each side of the advantage's sign "
+            "(TAS moves credit among completions of one sign, not between signs)."
+        },
     )
     dynamic_sampling: bool = field(
         default=False,

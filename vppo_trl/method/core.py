@@ -254,6 +254,50 @@ def guarded_advantage_scales(scales: torch.Tensor, openness: float) -> torch.Ten
     return 1.0 + openness * (scales - 1.0)
 
 
+def sign_balanced_scales(scales: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """
+    TAS scales rescaled so that, on each side of the advantage's sign, their `|advantage|`-weighted mean is 1.
+
+    TAS is meant to move credit towards the more image-dependent completions, not to change how much credit the batch
+    hands out. With k3 it also does the second: an unlikely sampled token (most often a wrong answer) moves more when
+    the image is perturbed, so wrong completions get larger scales than right ones, the shaped advantages no longer
+    add up to GRPO's total, and the update pushes every sampled answer down. Balancing each side keeps the batch's
+    total positive and total negative credit exactly GRPO's, and within each side keeps TAS's order and ratios.
+    Scales can then fall below `beta_min`.
+
+    Args:
+        scales: `[B]` TAS scales.
+        advantages: `[B]` advantages before shaping.
+        valid: `[B]` bool, the completions TAS shaped.
+
+    Returns:
+        `[B]` float tensor; the scales of completions not `valid`, or with a zero advantage, are unchanged.
+    """
+    balanced = scales.float().clone()
+    weights = advantages.float().abs()
+    for side in (advantages > 0, advantages < 0):
+        rows = side & valid.bool()
+        if bool(rows.any()):
+            mean = (balanced[rows] * weights[rows]).sum() / weights[rows].sum()
+            balanced[rows] = balanced[rows] / mean
+    return balanced
+
+
+def sign_scale_gap(scales: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor) -> float | None:
+    """
+    `|advantage|`-weighted mean TAS scale of the negative-advantage completions minus that of the positive ones: how
+    far TAS's scales follow the reward (0 with both sides balanced). None without both signs among `valid`.
+    """
+    weights = advantages.float().abs()
+    means = []
+    for side in (advantages < 0, advantages > 0):
+        rows = side & valid.bool()
+        if not bool(rows.any()):
+            return None
+        means.append(float((scales[rows].float() * weights[rows]).sum() / weights[rows].sum()))
+    return means[0] - means[1]
+
+
 # GRPO loss types whose loss is a token sum divided by a token count that the caller supplies (TRL's
 # `num_items_in_batch`, rescaled to one accumulation window): a token mean over the whole accumulated batch.
 TOKEN_SUM_LOSS_TYPES = ("dapo", "cispo", "vespo")

@@ -25,6 +25,8 @@ from .core import (
     guarded_filter_ratio,
     kept_dependency_sums,
     random_token_mask,
+    sign_balanced_scales,
+    sign_scale_gap,
     token_dependency,
     top_dependency_mask,
     top_entropy_mask,
@@ -240,7 +242,8 @@ class VPPOTrainer(
                 args.advantage_scale_max,
                 args.advantage_scale_max_cap,
             )
-            all_scales = guarded_advantage_scales(all_scales, openness) if args.cold_start_guard else all_scales
+            if args.cold_start_guard:
+                all_scales = self._guarded_scales(all_scales, advantages, all_shapeable, openness)
         else:
             all_scales = torch.ones_like(all_dependency)
         first = self.accelerator.process_index * len(advantages)
@@ -272,6 +275,20 @@ class VPPOTrainer(
         for name, value in guard_metrics(kept_dependency, openness, ratio).items():
             self._metrics["train"][name].append(value)
         return openness
+
+    def _guarded_scales(
+        self, scales: torch.Tensor, advantages: torch.Tensor, shapeable: torch.Tensor, openness: float
+    ) -> torch.Tensor:
+        """The whole batch's TAS scales under the cold-start guard: blended towards 1 by `openness`, then balanced on
+        each side of the advantage's sign (`cold_start_guard_balance`), with the gap that removes logged."""
+        scales = guarded_advantage_scales(scales, openness)
+        if not self.args.cold_start_guard_balance:
+            return scales
+        all_advantages = self.accelerator.gather(advantages)
+        gap = sign_scale_gap(scales, all_advantages, shapeable)
+        if gap is not None:
+            self._metrics["train"]["vppo/guard_sign_gap"].append(gap)
+        return sign_balanced_scales(scales, all_advantages, shapeable)
 
     def _filter_tokens(
         self, dependency: torch.Tensor, entropies: torch.Tensor | None, mask: torch.Tensor, ratio: float

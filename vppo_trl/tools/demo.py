@@ -241,9 +241,14 @@ def parameter_groups(model: torch.nn.Module, learning_rate: float, vision_multip
     ]
 
 
-def supervised_steps(model: torch.nn.Module, processor: Any, batches: Iterable[list[tuple[Any, Any, str]]]) -> float:
+def supervised_steps(
+    model: torch.nn.Module,
+    processor: Any,
+    batches: Iterable[list[tuple[Any, Any, str]]],
+    learning_rate: float = WARM_START_LR,
+) -> float:
     """One AdamW step per batch of (prompt, image, answer) on the answer's tokens and <|im_end|>; the last loss."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, WARM_START_LR, WARM_START_VISION_LR_MULTIPLIER))
+    optimizer = torch.optim.AdamW(parameter_groups(model, learning_rate, WARM_START_VISION_LR_MULTIPLIER))
     end_of_turn = processor.tokenizer.eos_token
     model.train()
     loss = torch.tensor(float("nan"))
@@ -282,6 +287,7 @@ def warm_start(
     steps: int,
     seed: int,
     make_answer: Callable[[random.Random, str], str] = random_colour,
+    learning_rate: float = WARM_START_LR,
 ) -> float:
     """Format-only warm start on `testing.COLOUR_QUESTION` (`make_answer(rng, colour)`), used by
     benchmarks/learning.py; returns the last loss."""
@@ -292,7 +298,7 @@ def warm_start(
         rows = dataset[step * WARM_START_BATCH : (step + 1) * WARM_START_BATCH]
         answers = [make_answer(rng, colour) for colour in rows["answer"]]
         batches.append(list(zip(rows["prompt"], rows["images"], answers, strict=True)))
-    return supervised_steps(model, processor, batches)
+    return supervised_steps(model, processor, batches, learning_rate)
 
 
 @torch.no_grad()
