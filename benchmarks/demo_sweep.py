@@ -1,14 +1,15 @@
 """VPPO next to GRPO on the CPU demo, over seeds: `python benchmarks/demo_sweep.py --seeds 0-9`.
 
-For each seed it builds the demo's warm start once (`vppo_trl.tools.demo`), trains VPPO and GRPO from it with the same
-settings, data and seed (GRPO is `VPPOTrainer` with TGF and TAS off, so both have dynamic sampling), and records per
-run: learned or not (the demo's verdict), the first step at which the 20-step mean reward reaches 0.8, the held-out
-greedy accuracy and the training time. It then prints the table and the paired summary: runs learned, the median
-step, and the mean paired difference in steps (GRPO minus VPPO) with a bootstrap 95% interval over seeds. A run that
-never reaches 0.8 counts as `steps + 1` in the steps statistics (censored: the difference is then a lower bound).
+For each seed it builds the demo's warm start once (`vppo_trl.tools.demo`), trains each method of `--methods` from it
+with the same settings, data and seed (`vppo`, `grpo`, and `vppo_guard`, VPPO with the cold-start guard; GRPO is
+`VPPOTrainer` with TGF and TAS off, so all have dynamic sampling), and records per run: learned or not (the demo's
+verdict), the first step at which the 20-step mean reward reaches 0.8, the held-out greedy accuracy and the training
+time. It then prints the table and the paired summary: runs learned, the median step, and for each method the mean
+paired difference in steps (GRPO minus the method) with a bootstrap 95% interval over seeds. A run that never reaches
+0.8 counts as `steps + 1` in the steps statistics (censored: the difference is then a lower bound).
 
-Writes `<output-dir>/seed<N>.json` per seed (a seed whose file exists is not run again), `results.json` and
-`results.md` (the table, as in the README).
+Writes `<output-dir>/seed<N>.json` per seed (a method already in a seed's file is not run again; one added later trains
+from the same, deterministic warm start), `results.json` and `results.md` (the table, as in the README).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vppo_trl.tools import demo  # noqa: E402
 
-METHODS = ("vppo", "grpo")
-
 
 @dataclass
 class SweepArguments:
@@ -43,6 +42,12 @@ class SweepArguments:
     output_dir: str = field(default="runs/demo_sweep", metadata={"help": "Where the per-seed results are written."})
     spotlight: bool = field(
         default=True, metadata={"help": "Write the token perception of each VPPO model (seed<N>/spotlight/)."}
+    )
+    methods: str = field(
+        default="vppo,grpo",
+        metadata={
+            "help": f"Comma-separated methods, among {', '.join(demo.TRAINING_METHODS)}; each is compared with grpo."
+        },
     )
     workers: int = field(default=1, metadata={"help": "Seeds trained in parallel (one process each)."})
     bootstrap_samples: int = field(default=10_000, metadata={"help": "Resamples of the bootstrap interval."})
@@ -58,23 +63,44 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def parse_methods(text: str) -> list[str]:
+    methods = [method.strip() for method in text.split(",") if method.strip()]
+    unknown = [method for method in methods if method not in demo.TRAINING_METHODS]
+    if unknown or "grpo" not in methods or len(methods) < 2:
+        raise ValueError(
+            f"--methods: {text!r} must name grpo and at least one other method among "
+            f"{', '.join(demo.TRAINING_METHODS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return list(dict.fromkeys(methods))
+
+
+def seed_file(args: SweepArguments, seed: int) -> Path:
+    return Path(args.output_dir) / f"seed{seed}.json"
+
+
 def run_seed(args: SweepArguments, seed: int) -> dict[str, Any]:
-    """Warm start, then every method from it; the result is also written to `seed<N>.json`."""
+    """
+    Warm start, then every method of `--methods` from it that `seed<N>.json` does not hold yet; the result is written
+    back to that file. The warm start is deterministic, so a method added later trains from the same one.
+    """
+    path = seed_file(args, seed)
+    result = json.loads(path.read_text()) if path.is_file() else {"seed": seed, "runs": {}}
+    todo = [method for method in parse_methods(args.methods) if method not in result["runs"]]
     folder = Path(args.output_dir) / f"seed{seed}"
     settings = demo.DemoArguments(
         steps=args.steps, warm_start_steps=args.warm_start_steps, seed=seed, output_dir=str(folder), spotlight=False
     )
     with demo.quiet_libraries():
         start = demo.build_warm_start(settings, folder / "warm_start")
-        result = {"seed": seed, "warm_start_accuracy": start.accuracy, "runs": {}}
-        for method in METHODS:
+        result["warm_start_accuracy"] = start.accuracy
+        for method in todo:
             trainer, summary = demo.timed_training(method, settings, start, folder / method, verbose=False)
             result["runs"][method] = summary
             if method == "vppo" and args.spotlight:
                 demo.spotlight_trained_model(trainer.model, start.processor, settings, trainer.state.global_step)
-    (Path(args.output_dir) / f"seed{seed}.json").write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     runs = result["runs"]
-    print(f"seed {seed}: " + "; ".join(f"{m} {row_text(runs[m])}" for m in METHODS), flush=True)
+    print(f"seed {seed}: " + "; ".join(f"{m} {row_text(runs[m])}" for m in parse_methods(args.methods)), flush=True)
     return result
 
 
@@ -98,8 +124,9 @@ def bootstrap_interval(values: list[float], samples: int, seed: int = 0) -> tupl
 
 
 def summarise(results: list[dict[str, Any]], args: SweepArguments) -> dict[str, Any]:
-    summary: dict[str, Any] = {"seeds": [r["seed"] for r in results], "steps": args.steps}
-    for method in METHODS:
+    methods = parse_methods(args.methods)
+    summary: dict[str, Any] = {"seeds": [r["seed"] for r in results], "steps": args.steps, "methods": methods}
+    for method in methods:
         runs = [r["runs"][method] for r in results]
         summary[method] = {
             "learned": sum(run["learned"] for run in runs),
@@ -107,15 +134,19 @@ def summarise(results: list[dict[str, Any]], args: SweepArguments) -> dict[str, 
             "median_accuracy": statistics.median(run["greedy_accuracy_after"] for run in runs),
             "median_train_seconds": statistics.median(run["train_seconds"] for run in runs),
         }
-    differences = [
-        censored_steps(r["runs"]["grpo"], args.steps) - censored_steps(r["runs"]["vppo"], args.steps) for r in results
-    ]
-    low, high = bootstrap_interval(differences, args.bootstrap_samples)
-    summary["steps_difference_grpo_minus_vppo"] = {
-        "per_seed": differences,
-        "mean": statistics.fmean(differences),
-        "bootstrap_95": [low, high],
-    }
+    for method in methods:
+        if method == "grpo":
+            continue
+        differences = [
+            censored_steps(r["runs"]["grpo"], args.steps) - censored_steps(r["runs"][method], args.steps)
+            for r in results
+        ]
+        low, high = bootstrap_interval(differences, args.bootstrap_samples)
+        summary[f"steps_difference_grpo_minus_{method}"] = {
+            "per_seed": differences,
+            "mean": statistics.fmean(differences),
+            "bootstrap_95": [low, high],
+        }
     return summary
 
 
@@ -125,28 +156,32 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "| seed | method | learned | step the 20-step mean reward reaches 0.8 | held-out greedy accuracy | train s |",
         "|---|---|---|---|---|---|",
     ]
+    methods = summary["methods"]
     for result in results:
-        for method in METHODS:
+        for method in methods:
             run = result["runs"][method]
             lines.append(
                 f"| {result['seed']} | {method.upper()} | {'yes' if run['learned'] else 'no'} | "
                 f"{run['step_reaching_0.8'] or never} | {run['greedy_accuracy_after']:.2f} | "
                 f"{run['train_seconds']:.0f} |"
             )
-    difference = summary["steps_difference_grpo_minus_vppo"]
     lines.append("")
-    for method in METHODS:
+    for method in methods:
         part = summary[method]
         lines.append(
             f"- {method.upper()}: {part['learned']} of {len(results)} seeds learned; median step reaching 0.8 "
             f"{part['median_step_reaching_0.8']:g}, median held-out accuracy {part['median_accuracy']:.2f}, median "
             f"training {part['median_train_seconds']:.0f} s."
         )
-    lines.append(
-        f"- Steps to 0.8, GRPO minus VPPO, paired by seed: mean {difference['mean']:+.1f} (bootstrap 95% interval "
-        f"{difference['bootstrap_95'][0]:+.1f} to {difference['bootstrap_95'][1]:+.1f}); per seed "
-        f"{', '.join(f'{d:+d}' for d in difference['per_seed'])}."
-    )
+    for method in methods:
+        if method == "grpo":
+            continue
+        difference = summary[f"steps_difference_grpo_minus_{method}"]
+        lines.append(
+            f"- Steps to 0.8, GRPO minus {method.upper()}, paired by seed: mean {difference['mean']:+.1f} (bootstrap "
+            f"95% interval {difference['bootstrap_95'][0]:+.1f} to {difference['bootstrap_95'][1]:+.1f}); per seed "
+            f"{', '.join(f'{d:+d}' for d in difference['per_seed'])}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -159,15 +194,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = parser.parse_args_into_dataclasses(argv)
     try:
         seeds = parse_seeds(args.seeds)
+        methods = parse_methods(args.methods)
     except ValueError as error:
         parser.error(str(error))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    done = {seed: json.loads((output_dir / f"seed{seed}.json").read_text()) for seed in seeds
-            if (output_dir / f"seed{seed}.json").is_file()}  # fmt: skip
+    done = {}
+    for seed in seeds:
+        path = seed_file(args, seed)
+        if path.is_file() and all(method in json.loads(path.read_text())["runs"] for method in methods):
+            done[seed] = json.loads(path.read_text())
     todo = [seed for seed in seeds if seed not in done]
-    print(f"Demo sweep: seeds {seeds} ({len(done)} already done), {args.steps} RL steps, methods {METHODS}.")
+    print(f"Demo sweep: seeds {seeds} ({len(done)} already done), {args.steps} RL steps, methods {methods}.")
     if args.workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(args.workers) as pool:
             for result in pool.map(run_seed, [args] * len(todo), todo):

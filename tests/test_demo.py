@@ -182,6 +182,30 @@ def test_the_sweep_tabulates_both_methods_per_seed_and_their_paired_difference(t
     assert "(2 already done)" in capsys.readouterr().out
 
 
+def test_a_method_added_to_the_sweep_trains_only_that_method_from_the_same_warm_start(tmp_path, capsys):
+    sweep = load_sweep()
+    argv = ["--seeds", "0", "--steps", "2", "--warm-start-steps", "2", "--output-dir", str(tmp_path)]
+    sweep.main([*argv, "--methods", "vppo,grpo"])
+    before = json.loads((tmp_path / "seed0.json").read_text())
+    summary = sweep.main([*argv, "--methods", "vppo,grpo,vppo_guard"])
+    after = json.loads((tmp_path / "seed0.json").read_text())
+    assert after["runs"]["vppo"] == before["runs"]["vppo"] and after["runs"]["grpo"] == before["runs"]["grpo"]
+    assert after["warm_start_accuracy"] == before["warm_start_accuracy"]
+    assert set(after["runs"]["vppo_guard"]) >= {"learned", "step_reaching_0.8", "greedy_accuracy_after"}
+    table = (tmp_path / "results.md").read_text()
+    assert "| 0 | VPPO_GUARD |" in table and "GRPO minus VPPO_GUARD, paired by seed" in table
+    assert summary["steps_difference_grpo_minus_vppo_guard"]["per_seed"] == [0]
+
+
+def test_the_sweep_refuses_methods_without_grpo_or_unknown(capsys):
+    for methods, problem in (("vppo", ""), ("vppo,grpo,vpo", " (unknown: vpo)")):
+        with pytest.raises(SystemExit):
+            load_sweep().main(["--methods", methods])
+        assert f"must name grpo and at least one other method among vppo, grpo, vppo_guard{problem}" in (
+            capsys.readouterr().err
+        )
+
+
 def test_the_sweep_refuses_a_bad_seed_list(capsys):
     with pytest.raises(SystemExit):
         load_sweep().main(["--seeds", "0-x"])

@@ -74,6 +74,14 @@ NUM_GENERATIONS = 8
 MAX_COMPLETION_LENGTH = 10
 # The vision tower trains at this multiple of the learning rate.
 VISION_LR_MULTIPLIER = 5.0
+# The VPPOConfig switches of each method the demo (and benchmarks/demo_sweep.py) can train. VPPOTrainer with TGF and
+# TAS off is GRPO (VPPOConfig's docstring), with the same dynamic sampling and settings; its perturbed pass still runs,
+# for the dependency metrics only.
+TRAINING_METHODS: dict[str, dict[str, Any]] = {
+    "vppo": {},
+    "grpo": {"token_filter_ratio": 1.0, "advantage_shaping": False},
+    "vppo_guard": {"cold_start_guard": True},
+}
 WARM_START_BATCH = 16
 # Measured on seed 0 (docs/demo.md): 200 steps on the description alone reach a held-out description accuracy of 1.0
 # at 1e-3, 0.61 at 3e-3 and 0.34 at 1e-2 (or at 3e-3 with the vision tower at 5x).
@@ -495,7 +503,8 @@ def load_policy(folder: Path, masked: list[int]) -> torch.nn.Module:
 
 
 def train_policy(method: str, args: DemoArguments, start: WarmStart, output_dir: Path, verbose: bool = True):
-    """Train the warm-start policy with `method` ("vppo" or "grpo"); both get the same data, seed and settings."""
+    """Train the warm-start policy with `method` (a key of `TRAINING_METHODS`); all get the same data, seed and
+    settings."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .. import VPPOConfig, VPPOTrainer
@@ -522,20 +531,18 @@ def train_policy(method: str, args: DemoArguments, start: WarmStart, output_dir:
         disable_tqdm=True,
         seed=args.seed,
     )
-    if method == "vppo":
-        config = VPPOConfig(**settings, dependency_estimator=args.estimator, perturbation=args.perturbation)
-        trainer_class = VPPOTrainer
+    if method == "grpo":
+        config = VPPOConfig(**settings, **TRAINING_METHODS[method])
     else:
-        # VPPOTrainer with TGF and TAS off is GRPO (VPPOConfig's docstring), with the same dynamic sampling and
-        # settings; its perturbed pass still runs, for the dependency metrics only.
-        config = VPPOConfig(**settings, token_filter_ratio=1.0, advantage_shaping=False)
-        trainer_class = VPPOTrainer
+        config = VPPOConfig(
+            **settings, **TRAINING_METHODS[method], dependency_estimator=args.estimator, perturbation=args.perturbation
+        )
     # Fresh images for every prompt the run can draw, dynamic sampling's extra ones included.
     train_dataset = make_question_dataset(4 * args.steps * PROMPTS_PER_STEP, seed=args.seed + 3)
     optimizer = torch.optim.AdamW(
         parameter_groups(policy, args.learning_rate, VISION_LR_MULTIPLIER), lr=args.learning_rate, weight_decay=0.0
     )
-    trainer = trainer_class(
+    trainer = VPPOTrainer(
         model=policy,
         reward_funcs=sentence_reward,
         args=config,
@@ -554,7 +561,7 @@ def train_policy(method: str, args: DemoArguments, start: WarmStart, output_dir:
             f"dynamic sampling {'on' if args.dynamic_sampling else 'off'}, lr {args.learning_rate} (vision tower "
             f"x{VISION_LR_MULTIPLIER:g}), no KL"
             + (f", {args.estimator}, {args.perturbation}, keeps {config.token_filter_ratio:.0%} of tokens." if
-               method == "vppo" else ".")
+               method != "grpo" else ".")
         )  # fmt: skip
     trainer.train()
     return trainer
