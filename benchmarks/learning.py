@@ -12,8 +12,9 @@ same budget and settings:
 | `tas_only` | `token_filter_ratio=1.0`                                         |
 | `random`   | `token_filter_criterion="random"`: VPPO with a random 40% mask   |
 
-Three more can be added with `--methods`: `entropy` (VPPO with `token_filter_criterion="entropy"`), `vppo_guard`
-(VPPO with `cold_start_guard=True`) and `vppo_official_tas` (VPPO whose TAS statistics include the zero-advantage
+Four more can be added with `--methods`: `entropy` (VPPO with `token_filter_criterion="entropy"`), `vppo_guard`
+(VPPO with `cold_start_guard=True`), `vppo_guard_level` (the guard without its sign balance,
+`cold_start_guard_balance=False`) and `vppo_official_tas` (VPPO whose TAS statistics include the zero-advantage
 completions, as the official code's do; `skip_zero_advantage=False` so that they are measured). The summary pairs
 methods by seed (`PAIRS`): the per-seed differences in final reward and their 95% bootstrap interval.
 
@@ -25,9 +26,9 @@ Two tasks, both the demo's "What colour is the shape?" with a fresh image per pr
 
 Settings shared by every method (chosen for the CPU budget, not tuned for any method): the demo's optimiser (AdamW,
 lr 1e-3 constant, vision tower x5), G = 8 completions of `--prompts-per-step` 4 prompts (the demo uses 8), temperature
-1, no KL (the demo uses 0.2), the vision special tokens masked in the output layer. The warm start is the demo's
-(60 supervised steps of answer format) except that `--warm-start-seen` 0.5 of its answers name the image's colour
-instead of a random one (0 gives the demo's format-only start).
+1, no KL (the demo uses 0.2), the vision special tokens masked in the output layer. The warm start is 60 supervised steps
+of answer format (AdamW at 3e-3, `WARM_START_LR`: the demo's format-only warm start before the demo moved to sentence
+answers) in which `--warm-start-seen` 0.5 of the answers name the image's colour instead of a random one.
 
 Every method logs the visual dependency of every batch (the perturbed pass runs for GRPO too, only its result is
 unused), which gives the share of colour tokens TGF keeps and the dependency of colour vs other tokens. Runs go to

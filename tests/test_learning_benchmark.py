@@ -14,6 +14,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "learning.py"
+GUARD_METHODS = ("vppo_guard", "vppo_guard_level")
 
 
 def load_benchmark():
@@ -26,7 +27,7 @@ def load_benchmark():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("learning")
-    methods = [*load_benchmark().DEFAULT_METHODS, "vppo_guard", "vppo_official_tas"]
+    methods = [*load_benchmark().DEFAULT_METHODS, *GUARD_METHODS, "vppo_official_tas"]
     command = [
         sys.executable,
         str(SCRIPT),
@@ -46,7 +47,7 @@ def smoke(tmp_path_factory) -> Path:
 def test_smoke_writes_every_run_summary_table_and_plot(smoke):
     benchmark = load_benchmark()
     assert set(benchmark.DEFAULT_METHODS) == {"grpo", "vppo", "tgf_only", "tas_only", "random"}
-    methods = {*benchmark.DEFAULT_METHODS, "vppo_guard", "vppo_official_tas"}
+    methods = {*benchmark.DEFAULT_METHODS, *GUARD_METHODS, "vppo_official_tas"}
     runs = {path.stem for path in (smoke / "runs").glob("*.json")}
     assert runs == {f"{task}_{method}_seed0" for task in benchmark.TASKS for method in methods}
     for name in runs:
@@ -54,7 +55,7 @@ def test_smoke_writes_every_run_summary_table_and_plot(smoke):
         assert [row["step"] for row in log] == [1, 2]
         assert all(0.0 <= row["reward"] <= 1.0 for row in log)
         openness = [row["vppo/guard_openness"] for row in log]
-        if name.split("_seed")[0].endswith("vppo_guard"):
+        if name.split("_seed")[0].split("_", 1)[1] in GUARD_METHODS:
             assert all(value is not None and 0.0 <= value <= 1.0 for value in openness), name
         else:
             assert openness == [None, None], name  # no guard, no guard metrics
