@@ -26,9 +26,9 @@ Two tasks, both the demo's "What colour is the shape?" with a fresh image per pr
 
 Settings shared by every method (chosen for the CPU budget, not tuned for any method): the demo's optimiser (AdamW,
 lr 1e-3 constant, vision tower x5), G = 8 completions of `--prompts-per-step` 4 prompts (the demo uses 8), temperature
-1, no KL (the demo uses 0.2), the vision special tokens masked in the output layer. The warm start is 60 supervised steps
-of answer format (AdamW at 3e-3, `WARM_START_LR`: the demo's format-only warm start before the demo moved to sentence
-answers) in which `--warm-start-seen` 0.5 of the answers name the image's colour instead of a random one.
+1, no KL, the vision special tokens masked in the output layer. The warm start is 60 supervised steps of answer
+format (AdamW at 3e-3, `WARM_START_LR`: the demo's format-only warm start before the demo moved to sentence answers)
+in which `--warm-start-seen` 0.5 of the answers name the image's colour instead of a random one.
 
 Every method logs the visual dependency of every batch (the perturbed pass runs for GRPO too, only its result is
 unused), which gives the share of colour tokens TGF keeps and the dependency of colour vs other tokens. Runs go to
