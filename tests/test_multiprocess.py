@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_process_vppo.py"
 
@@ -40,13 +41,18 @@ def free_port() -> int:
 
 
 def launch(
-    tmp_path: Path, *launch_args: str, estimator: str = "k3", data: str = "colour", family: str = "qwen2_5_vl"
+    tmp_path: Path,
+    *launch_args: str,
+    estimator: str = "k3",
+    data: str = "colour",
+    family: str = "qwen2_5_vl",
+    guard: bool = False,
 ) -> list[dict]:
     output = tmp_path / "run"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launch_args,
         "--num_processes", "2", "--main_process_port", str(free_port()),
-        str(SCRIPT), str(output), estimator, data, family,
+        str(SCRIPT), str(output), estimator, data, family, "guard" if guard else "no_guard",
     ]  # fmt: skip
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
@@ -71,6 +77,25 @@ def check_ranks_agree(results: list[dict]) -> None:
 @pytest.mark.slow
 def test_two_processes_ddp(tmp_path):
     check_ranks_agree(launch(tmp_path, "--multi_gpu"))
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_cold_start_guard_balances_the_whole_batch_alike_on_both(tmp_path):
+    first, second = launch(tmp_path, "--multi_gpu", guard=True)
+    check_ranks_agree([first, second])
+    assert len(first["balanced"]) == 2 and first["balanced"] == second["balanced"]
+    for view in first["balanced"]:
+        assert len(view["balanced"]) == 16  # the whole generation batch, both processes
+        advantages, valid, balanced = (torch.tensor(view[key]) for key in ("advantages", "valid", "balanced"))
+        for side in (advantages > 0, advantages < 0):
+            rows = side & valid
+            assert rows.any()
+            weights = advantages[rows].abs()
+            assert (balanced[rows] * weights).sum().item() == pytest.approx(weights.sum().item(), rel=1e-5)
+    assert any(scale != 1.0 for view in first["balanced"] for scale in view["balanced"])
+    for log_0, log_1 in zip(first["logs"], second["logs"], strict=True):
+        assert log_0["vppo/guard_openness"] == log_1["vppo/guard_openness"] == 1.0
+        assert log_0.get("vppo/guard_sign_gap") == log_1.get("vppo/guard_sign_gap")
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ def alternating_text_dataset(rows: int) -> Dataset:
     return Dataset.from_list(records)
 
 
-def main(output_path: str, estimator: str, data: str, family: str) -> None:
+def main(output_path: str, estimator: str, data: str, family: str, guard: bool) -> None:
     records = []
     original_scales = trainer_module.advantage_scales
 
@@ -37,6 +37,17 @@ def main(output_path: str, estimator: str, data: str, family: str) -> None:
         return scales
 
     trainer_module.advantage_scales = recording_scales
+    balanced_records = []
+    original_balance = trainer_module.sign_balanced_scales
+
+    def recording_balance(scales, advantages, valid):
+        balanced = original_balance(scales, advantages, valid)
+        balanced_records.append(
+            {"advantages": advantages.tolist(), "valid": valid.tolist(), "balanced": balanced.tolist()}
+        )
+        return balanced
+
+    trainer_module.sign_balanced_scales = recording_balance
     images_per_step = []
     original_apply = trainer_module.VPPOTrainer._apply_visual_dependency
 
@@ -60,6 +71,10 @@ def main(output_path: str, estimator: str, data: str, family: str) -> None:
         seed=11,
         dependency_estimator=estimator,
         shuffle_dataset=data == "colour",
+        # The guard with thresholds this random model's dependencies pass, so that it opens and its balance acts.
+        cold_start_guard=guard,
+        cold_start_guard_floor=1e-9,
+        cold_start_guard_full=1e-8,
     )
     trainer = VPPOTrainer(
         model=model,
@@ -75,6 +90,7 @@ def main(output_path: str, estimator: str, data: str, family: str) -> None:
         "world_size": trainer.accelerator.num_processes,
         "global_step": trainer.state.global_step,
         "tas": records,
+        "balanced": balanced_records,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
         "images_per_step": images_per_step,
     }
@@ -86,5 +102,5 @@ def main(output_path: str, estimator: str, data: str, family: str) -> None:
 
 
 if __name__ == "__main__":
-    output, estimator, data, family = (sys.argv[1:] + [None] * 3)[:4]
-    main(output, estimator or "k3", data or "colour", family or "qwen2_5_vl")
+    output, estimator, data, family, guard = (sys.argv[1:] + [None] * 4)[:5]
+    main(output, estimator or "k3", data or "colour", family or "qwen2_5_vl", guard == "guard")
