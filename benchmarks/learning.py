@@ -390,6 +390,9 @@ def summarise(results: list[dict[str, Any]], window: int, threshold: float) -> d
                 ("learning/other_dependency", "other_dependency"),
                 ("vppo/guard_openness", "guard_openness"),
                 ("vppo/advantage_scale_max", "advantage_scale_max"),
+                ("learning/scale_gap", "scale_gap"),
+                ("learning/net_advantage", "net_advantage"),
+                ("entropy", "entropy"),
             ):
                 first = [metric_mean(r["log"], key, None) for r in runs]
                 values = [metric_mean(r["log"], key, window) for r in runs]
@@ -449,6 +452,29 @@ def format_table(summary: dict[str, Any], window: int, threshold: float) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def format_tilt_table(summary: dict[str, Any], window: int) -> str:
+    """Per task and method: how far TAS's applied scales follow the advantage's sign, and the policy's entropy."""
+    lines = [
+        "#### TAS's tilt: the scales by the advantage's sign, and the policy's entropy",
+        "",
+        "| task | method | scale gap, negative - positive (all steps) | mean shaped advantage (all steps) | "
+        f"entropy (all steps / last {window}) |",
+        "|---|---|---|---|---|",
+    ]
+    for task, methods in summary.items():
+        for method, entry in methods.items():
+            if entry.get("entropy_all") is None:
+                continue
+            gap, net = entry.get("scale_gap_all"), entry.get("net_advantage_all")
+            gap_cell = "-" if gap is None else f"{gap['mean']:+.3f}"
+            net_cell = "-" if net is None else f"{net['mean']:+.4f}"
+            lines.append(
+                f"| {task} | {method} | {gap_cell} | {net_cell} | "
+                f"{entry['entropy_all']['mean']:.2f} / {entry[f'entropy_last{window}']['mean']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def format_paired_table(paired: dict[str, Any], window: int) -> str:
@@ -612,7 +638,13 @@ def write_outputs(
         "paired": paired_differences(results, WINDOW),
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = format_table(summary["results"], WINDOW, THRESHOLD) + "\n" + format_paired_table(summary["paired"], WINDOW)
+    table = "\n".join(
+        (
+            format_table(summary["results"], WINDOW, THRESHOLD),
+            format_paired_table(summary["paired"], WINDOW),
+            format_tilt_table(summary["results"], WINDOW),
+        )
+    )
     (output_dir / "LEARNING_RESULTS.md").write_text(table + "\n")
     plot(results, WINDOW, THRESHOLD, output_dir / "learning.png")
     print(table)
