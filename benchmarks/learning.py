@@ -359,7 +359,9 @@ def colour_kept_where_dependencies_carry_signal(log: list[dict]) -> float | None
     full = VPPOConfig.__dataclass_fields__["cold_start_guard_full"].default
     values = []
     for row in log:
-        statistic = row.get("vppo/guard_dependency", row.get("vppo/dependency_selected_mean"))
+        statistic = row.get("vppo/guard_dependency")
+        if statistic is None:  # no guard: VPPO logs the same statistic under its own name
+            statistic = row.get("vppo/dependency_selected_mean")
         if statistic is not None and statistic >= full and row.get("learning/colour_kept") is not None:
             values.append(row["learning/colour_kept"])
     return statistics.fmean(values) if values else None

@@ -122,6 +122,8 @@ def test_colour_kept_is_read_where_the_guard_statistic_reaches_full():
         {"vppo/guard_dependency": 0.01, "learning/colour_kept": 0.2},
         {"vppo/guard_dependency": 0.5, "learning/colour_kept": 1.0},
         {"vppo/dependency_selected_mean": 0.3, "learning/colour_kept": 0.8},
+        # a run without the guard logs every key, its guard metrics as None
+        {"vppo/guard_dependency": None, "vppo/dependency_selected_mean": 0.3, "learning/colour_kept": 0.6},
     ]
-    assert benchmark.colour_kept_where_dependencies_carry_signal(log) == pytest.approx(0.9)
+    assert benchmark.colour_kept_where_dependencies_carry_signal(log) == pytest.approx(0.8)
     assert benchmark.colour_kept_where_dependencies_carry_signal(log[:1]) is None
