@@ -151,20 +151,25 @@ def summarise(results: list[dict[str, Any]], args: SweepArguments) -> dict[str, 
 
 
 def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """One row per seed, one column per method: learned, the step the 20-step mean reward reaches 0.8, the held-out
+    greedy accuracy and the training seconds; then the summary lines."""
     never = f"never (> {summary['steps']})"
-    lines = [
-        "| seed | method | learned | step the 20-step mean reward reaches 0.8 | held-out greedy accuracy | train s |",
-        "|---|---|---|---|---|---|",
-    ]
     methods = summary["methods"]
+    lines = [
+        "Each cell: learned, step the 20-step mean reward reaches 0.8, held-out greedy accuracy, training time.",
+        "",
+        "| seed | " + " | ".join(method.upper() for method in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for result in results:
+        cells = []
         for method in methods:
             run = result["runs"][method]
-            lines.append(
-                f"| {result['seed']} | {method.upper()} | {'yes' if run['learned'] else 'no'} | "
-                f"{run['step_reaching_0.8'] or never} | {run['greedy_accuracy_after']:.2f} | "
-                f"{run['train_seconds']:.0f} |"
+            cells.append(
+                f"{'yes' if run['learned'] else 'NO'}, {run['step_reaching_0.8'] or never}, "
+                f"{run['greedy_accuracy_after']:.2f}, {run['train_seconds']:.0f} s"
             )
+        lines.append(f"| {result['seed']} | " + " | ".join(cells) + " |")
     lines.append("")
     for method in methods:
         part = summary[method]

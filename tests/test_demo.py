@@ -164,8 +164,9 @@ def test_the_sweep_tabulates_both_methods_per_seed_and_their_paired_difference(t
     summary = sweep.main(argv)
     table = (tmp_path / "results.md").read_text()
     assert table in capsys.readouterr().out
+    assert "| seed | VPPO | GRPO |" in table
     rows = [line for line in table.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
-    assert [row.split(" | ")[1] for row in rows] == ["VPPO", "GRPO", "VPPO", "GRPO"]
+    assert len(rows) == 2 and all(len(row.split(" | ")) == 3 for row in rows)
     assert "GRPO minus VPPO, paired by seed" in table
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["seed"] for r in results["results"]] == [0, 1]
@@ -193,7 +194,7 @@ def test_a_method_added_to_the_sweep_trains_only_that_method_from_the_same_warm_
     assert after["warm_start_accuracy"] == before["warm_start_accuracy"]
     assert set(after["runs"]["vppo_guard"]) >= {"learned", "step_reaching_0.8", "greedy_accuracy_after"}
     table = (tmp_path / "results.md").read_text()
-    assert "| 0 | VPPO_GUARD |" in table and "GRPO minus VPPO_GUARD, paired by seed" in table
+    assert "| seed | VPPO | GRPO | VPPO_GUARD |" in table and "GRPO minus VPPO_GUARD, paired by seed" in table
     assert summary["steps_difference_grpo_minus_vppo_guard"]["per_seed"] == [0]
 
 
