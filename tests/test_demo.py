@@ -174,6 +174,12 @@ def test_the_sweep_tabulates_both_methods_per_seed_and_their_paired_difference(t
         for method in ("vppo", "grpo"):
             run = result["runs"][method]
             assert set(run) >= {"learned", "step_reaching_0.8", "greedy_accuracy_after", "train_seconds"}
+        # Each row's cells hold that seed's runs, in the header's order
+        cells = rows[result["seed"]].strip("| ").split(" | ")[1:]
+        for cell, method in zip(cells, ("vppo", "grpo"), strict=True):
+            run = result["runs"][method]
+            learned = "yes" if run["learned"] else "NO"
+            assert cell.startswith(f"{learned}, never (> 2), {run['greedy_accuracy_after']:.2f}, ")
     # Two steps cannot reach 0.8 from a chance-level start: both count as censored (steps + 1)
     assert summary["steps_difference_grpo_minus_vppo"]["per_seed"] == [0, 0]
 
