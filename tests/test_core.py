@@ -1,6 +1,8 @@
 """The algorithm's pure functions against hand-computed cases."""
 
 import math
+from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 import torch
@@ -91,6 +93,42 @@ class TestTopDependencyMask:
         assert kept_token_counts(torch.tensor([0, 1, 2, 3, 10, 11]), 0.4).tolist() == [0, 1, 1, 2, 4, 5]
         assert kept_token_counts(torch.tensor([7]), 1.0).item() == 7
         assert kept_token_counts(torch.tensor([10]), 0.3).item() == 3  # float gives 3.0000000000000004 -> 4
+
+    def test_counts_are_exact_for_any_ratio_and_length(self):
+        """
+        ceil(ratio * n) for the guard's blended ratios (17-digit decimals) and users' floats, every n up to 2,048 and
+        long completions up to 65,536 and beyond: exactly the decimal's count, never below 1 for n >= 1, never above n.
+        """
+        blends = [
+            guarded_filter_ratio(ratio, guard_openness(statistic, 0.02, 0.2))
+            for ratio in (0.4, 0.3, 1 / 3)
+            for statistic in torch.logspace(math.log10(0.021), math.log10(0.199), 40, dtype=torch.float64).tolist()
+        ]
+        user = [1 / 3, 0.1 + 0.2, 2 / 3, 0.4, 0.7, 0.05, 1e-3, 0.999999, 1.0, 1e-12, 0.123456789012345]
+        lengths = list(range(2049)) + [4095, 4096, 8191, 8192, 10_000, 32_768, 65_535, 65_536, 10**6, 2**31 - 1]
+        counts = torch.tensor(lengths)
+        for ratio in blends + user:
+            fraction = Fraction(repr(ratio))
+            kept = kept_token_counts(counts, ratio).tolist()
+            assert kept == [math.ceil(fraction * n) for n in lengths], ratio
+            assert kept[0] == 0 and all(1 <= k <= n for k, n in zip(kept[1:], lengths[1:], strict=True)), ratio
+        assert any(len(repr(ratio)) >= 18 for ratio in blends)  # the ratios that overflowed int64
+
+    @pytest.mark.parametrize(
+        ("ratio", "length", "kept"),
+        [("0.4", 15, 6), ("0.3", 10, 3), ("0.35", 20, 7), ("0.7", 10, 7), ("0.15", 20, 3), ("0.1", 8192, 820)],
+    )
+    def test_few_digit_ratios_keep_the_decimal_count(self, ratio, length, kept):
+        assert math.ceil(Decimal(ratio) * length) == kept  # float arithmetic gives one more for the first four
+        assert kept_token_counts(torch.tensor([length]), float(ratio)).item() == kept
+
+    def test_long_completions_under_a_part_open_guard_keep_their_count(self):
+        ratio = guarded_filter_ratio(0.4, guard_openness(0.06, 0.02, 0.2))  # 0.7137272471682025
+        for length in (512, 2048, 4096, 8192):
+            out = top_dependency_mask(torch.rand(2, length), torch.ones(2, length), ratio)
+            assert out.sum(-1).tolist() == [math.ceil(Fraction(repr(ratio)) * length)] * 2
+        third = top_dependency_mask(torch.rand(1, 8192), torch.ones(1, 8192), 1 / 3)
+        assert third.sum().item() == 2731
 
     def test_selects_largest(self):
         dependency = torch.tensor([[0.1, 0.9, 0.3, 0.7, 0.2]])

@@ -67,14 +67,18 @@ def kl_token_dependency(
 
 def kept_token_counts(valid_counts: torch.Tensor, ratio: float) -> torch.Tensor:
     """
-    `ceil(ratio * n)` for each count `n`, in exact decimal arithmetic.
+    `ceil(ratio * n)` for each count `n`, in exact decimal arithmetic, for any float `ratio` in (0, 1] and any `n`.
 
-    Float arithmetic would give `ceil(0.4 * 15) = 7`; the ratio is read as the decimal the user wrote (`0.4 = 2/5`),
-    which gives 6.
+    The ratio is read as the shortest decimal that gives the float back (`repr`): the one the user wrote (`0.4 = 2/5`),
+    so `ceil(0.4 * 15)` is 6, where float arithmetic gives 7. The product is taken in Python's unbounded integers,
+    once per distinct count: a ratio such as the cold-start guard's blend has a 17-digit numerator, and `n` times it
+    overflows int64 from a few hundred tokens on. The result is at least 1 for `n >= 1` and never more than `n`.
     """
     fraction = Fraction(repr(float(ratio)))
     numerator, denominator = fraction.numerator, fraction.denominator
-    return (valid_counts.long() * numerator + denominator - 1) // denominator
+    counts, positions = torch.unique(valid_counts.long(), return_inverse=True)
+    kept = [-(-count * numerator // denominator) for count in counts.tolist()]
+    return torch.tensor(kept, dtype=torch.long, device=valid_counts.device)[positions]
 
 
 def top_dependency_mask(dependency: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
