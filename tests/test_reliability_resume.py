@@ -22,7 +22,13 @@ from test_trainer import final_parameters, length_reward, make_trainer, vppo_arg
 import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOTrainer
 from vppo_trl.longrun.resume import COMPLETE_MARKER, load_full_weights, newest_complete_checkpoint
-from vppo_trl.method.core import advantage_scales, kl_token_dependency, token_dependency, trajectory_dependency
+from vppo_trl.method.core import (
+    advantage_scales,
+    kl_token_dependency,
+    token_dependency,
+    top_dependency_mask,
+    trajectory_dependency,
+)
 from vppo_trl.testing import COLOURS, FAMILIES, build_tiny_vlm, make_colour_dataset
 
 SCRIPT = Path(__file__).parent / "scripts" / "resumable_run.py"
@@ -214,7 +220,7 @@ def test_non_finite_log_probs_never_give_nan_dependencies_masks_or_scales():
         assert torch.isfinite(dependency).all()
         scales = advantage_scales(trajectory_dependency(dependency, mask), torch.ones(3, dtype=torch.bool))
         assert torch.isfinite(scales).all()
-        assert trainer_module.top_dependency_mask(dependency, mask, 0.4).sum(-1).tolist() == [2, 2, 2]
+        assert top_dependency_mask(dependency, mask, 0.4).sum(-1).tolist() == [2, 2, 2]
 
 
 def test_nonfinite_loss_skips_the_step_then_stops_after_the_limit(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from vppo_trl.tools.spotlight import (
     measurement_settings,
     perturbed_views,
     sample_perceptions,
+    shape_group,
     token_perception,
     write_spotlight,
 )
@@ -132,6 +133,43 @@ def test_tas_scales_take_the_training_cap_on_the_dynamic_beta_max():
 
     assert largest_scale() > 1.0  # the dynamic range gives the most image-dependent completion more than 1
     assert largest_scale(advantage_scale_max_cap=1.0) <= 1.0 + 1e-6
+
+
+def test_kept_tokens_and_tas_scales_take_the_guards_blend_and_balance_as_training_does():
+    """The spotlight shapes its group through the function training calls: with the guard, its TAS scales are blended
+    and balanced (each side of the advantage's sign has a weighted mean scale of 1), its TGF ratio blended."""
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS)
+    image = make_shape_image("blue", random.Random(1))
+
+    def uneven_reward(completions, **kwargs):
+        return [1.0, 0.0, 0.0, 1.0, 0.0, 0.0][: len(completions)]
+
+    guard = dict(cold_start_guard=True, cold_start_guard_floor=1e-9, cold_start_guard_full=1e-8)  # open
+    perceptions = sample_perceptions(
+        model, processor, COLOUR_QUESTION, [image], num_completions=6, answer="blue", reward_func=uneven_reward,
+        max_new_tokens=5, draws=1, **guard,
+    )  # fmt: skip
+    advantages = torch.tensor([item.advantage for item in perceptions])
+    scales = torch.tensor([item.advantage_scale for item in perceptions])
+    for side in (advantages > 0, advantages < 0):
+        weights = advantages[side].abs()
+        assert (scales[side] * weights).sum().item() == pytest.approx(weights.sum().item(), rel=1e-5)
+    assert not torch.allclose(scales, torch.ones(6))  # TAS did shape
+    dependencies = [item.dependency for item in perceptions]
+    settings = measurement_settings(VPPOConfig(output_dir="unused", use_cpu=True, **guard))
+    shaped = shape_group(settings, dependencies, advantages.tolist())
+    assert scales.tolist() == shaped.scales.tolist()
+    assert [item.kept for item in perceptions] == [
+        shaped.keep[row, : len(values)].tolist() for row, values in enumerate(dependencies)
+    ]
+    # A closed guard (no dependency reaches its floor): every token kept, every scale 1, as GRPO.
+    closed = sample_perceptions(
+        model, processor, COLOUR_QUESTION, [image], completions=[item.token_ids for item in perceptions],
+        answer="blue", reward_func=uneven_reward, draws=1, cold_start_guard=True, cold_start_guard_floor=10.0,
+        cold_start_guard_full=20.0,
+    )  # fmt: skip
+    assert [item.advantage_scale for item in closed] == [1.0] * 6
+    assert all(all(item.kept) for item in closed)
 
 
 def test_special_tokens_by_name_and_split_characters_without_replacement_characters():

@@ -1,16 +1,21 @@
 """VPPOTrainer on tiny local Qwen-VL models: training, GRPO equivalence, TGF gradients, skip, LoRA, checkpoints."""
 
 import copy
+import math
 import random
+import re
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
+import trl
 from datasets import Dataset
 from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 import vppo_trl.method.passes as passes_module
+import vppo_trl.method.shaping as shaping_module
 import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.method.batch_rows import model_inputs
@@ -278,14 +283,14 @@ def test_gradient_flows_only_through_selected_tokens(tmp_path, monkeypatch):
     dataset = make_colour_dataset(8, seed=2)
     trainer = make_trainer(tmp_path, dataset=dataset, advantage_shaping=False, skip_zero_advantage=False)
     recorded = {}
-    original_mask = trainer_module.top_dependency_mask
+    original_mask = shaping_module.top_dependency_mask
 
     def recording_mask(dependency, mask, ratio):
         recorded["dependency"], recorded["mask"] = dependency, mask
         recorded["kept"] = original_mask(dependency, mask, ratio)
         return recorded["kept"]
 
-    monkeypatch.setattr(trainer_module, "top_dependency_mask", recording_mask)
+    monkeypatch.setattr(shaping_module, "top_dependency_mask", recording_mask)
     batch = generation_batch(trainer, dataset, prompts=2)
     advantages = batch["advantages"].clone()
     trainer._apply_visual_dependency(batch)
@@ -513,6 +518,68 @@ def test_ablation_criteria_train(tmp_path, criterion, route):
     assert 0.4 <= logs[0]["vppo/token_fraction"] <= 2 / 3  # ceil(0.4 n) of n <= 6 tokens
     after = final_parameters(trainer)
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_part_open_guard_keeps_its_share_of_long_completions(tmp_path):
+    """8,192-token completions under a half-open guard: TGF keeps ceil(0.70309 n) tokens of each, and logs that."""
+    trainer = make_trainer(tmp_path, cold_start_guard=True)
+    mask = torch.ones(4, 8192, dtype=torch.long)
+    mask[2:, 6000:] = 0
+    dependency = torch.full(mask.shape, 0.0625) * mask  # the kept tokens' mean dependency: 0.0625 nats
+    batch = {"completion_mask": mask, "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5])}
+    rows = torch.ones(4, dtype=torch.bool)
+    trainer._shape_advantages(batch, dependency, measured=rows, shapeable=rows, with_image=rows)
+    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    assert metrics["vppo/guard_openness"] == pytest.approx(math.log(3.125) / math.log(10))
+    assert metrics["vppo/guard_filter_ratio"] == 1 - metrics["vppo/guard_openness"] * 0.6  # 0.7030899869919436
+    ratio = Fraction(repr(metrics["vppo/guard_filter_ratio"]))
+    expected = [math.ceil(ratio * n) for n in mask.sum(-1).tolist()]
+    assert (batch["advantages"] != 0).sum(-1).tolist() == expected == [5760, 5760, 4219, 4219]
+    assert metrics["vppo/token_fraction"] == pytest.approx(sum(expected) / mask.sum().item())
+
+
+def test_config_refuses_settings_whose_shaping_divides_zero_by_zero():
+    """With beta_min 0 the lowest-dependency completion gets scale 0; alone on its side, the balance divides 0 by 0."""
+    with pytest.raises(ValueError, match=r"advantage_scale_min=0.0 must be > 0 with cold_start_guard and cold_start_"):
+        VPPOConfig(output_dir="unused", use_cpu=True, advantage_scale_min=0.0, cold_start_guard=True)
+    with pytest.raises(ValueError, match=r"advantage_scale_max=0.0 must be > 0"):
+        VPPOConfig(output_dir="unused", use_cpu=True, advantage_scale_min=0.0, advantage_scale_max=0.0)
+
+
+def test_entropy_criterion_when_no_process_measures_anything(tmp_path):
+    """Under ZeRO-3 or FSDP with several processes every process runs the same passes; a batch whose advantages are
+    all 0 (on every process) runs none, and the `entropy` criterion must still shape it (here one process plays it)."""
+    trainer = make_trainer(
+        tmp_path, reward=constant_reward, token_filter_criterion="entropy", num_iterations=2, max_steps=1
+    )
+    trainer.shared.forward_passes_must_match = True
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("extra", ["other_tokens", "no_gradient"])
+def test_a_forward_before_the_losss_own_stops_training_naming_trl(tmp_path, monkeypatch, extra):
+    """The deferred TGF and TAS and the entropy penalty read the loss forward's log-probs: if GRPOTrainer's loss ever
+    runs another forward first, training stops and says which trl and what changed, rather than read the wrong one."""
+    trainer = make_trainer(tmp_path, max_steps=1, entropy_penalty_coef=0.1)
+    original = GRPOTrainer._compute_loss
+
+    def with_an_extra_forward_first(self, model, inputs):
+        forward = model_inputs(inputs)
+        if extra == "other_tokens":  # e.g. a draft or reference pass on other completions
+            forward["input_ids"] = torch.cat([inputs["prompt_ids"], inputs["completion_ids"].flip(-1)], dim=1)
+        with torch.set_grad_enabled(extra != "no_gradient"):  # e.g. an old-log-prob pass moved into the loss
+            self._get_per_token_logps_and_entropies(
+                model, forward.pop("input_ids"), forward.pop("attention_mask"), inputs["completion_ids"].size(1),
+                **forward,
+            )  # fmt: skip
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", with_an_extra_forward_first)
+    problem = "on other tokens" if extra == "other_tokens" else "with gradient off"
+    with pytest.raises(RuntimeError, match=rf"of the installed trl {re.escape(trl.__version__)} .* {problem}"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_kl_estimator_trains_and_is_chunk_invariant(tmp_path, monkeypatch):

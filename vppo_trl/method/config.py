@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .shaping import ShapingSettings
+
 PERTURBATIONS = ("patch_blackening", "gaussian_noise", "gaussian_blur", "solid")
 PERTURBATION_SPACES = ("original_image", "pixel_values")
 DEPENDENCY_ESTIMATORS = ("k3", "kl")
@@ -299,6 +301,7 @@ class VPPOConfig(GRPOConfig):
                     f"advantage_scale_max_cap={self.advantage_scale_max_cap} must be >= 1 (the dynamic beta_max is "
                     "never below 1)."
                 )
+        ShapingSettings.of(self)  # refuses the combinations whose shaping would divide 0 by 0
         if not 0.0 < self.cold_start_guard_floor < self.cold_start_guard_full:
             raise ValueError(
                 f"cold_start_guard_floor={self.cold_start_guard_floor} and cold_start_guard_full="

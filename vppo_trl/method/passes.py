@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import trl
 from accelerate.utils import is_peft_model
 from transformers.utils import logging
 from trl.models.utils import disable_gradient_checkpointing
@@ -46,22 +47,25 @@ class VisualDependencyPassesMixin(SharedStateMixin):
     """The perturbed (and, where needed, original-image) forward passes of VPPO, for GRPOTrainer subclasses."""
 
     def __init__(self, *args, **kwargs):
-        self._old_logps_entropies: list[torch.Tensor] | None = None  # armed while a round is generated, see below
+        # The policy's forward passes of the round being generated, while it is, for the `entropy` criterion (below).
+        self._round_forwards: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         super().__init__(*args, **kwargs)
         self._warned_image_mismatch = False
 
     def _generate_and_score_round(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
-        # The `entropy` criterion reads the original-image entropies of TRL's old-log-prob pass when it runs (the
-        # first forward of a round), so that reusing its log-probs costs no extra pass.
+        # The `entropy` criterion reads the original-image entropies of TRL's old-log-prob pass when it runs, so that
+        # reusing its log-probs costs no extra pass. That pass is recognised by its result, not by its place among
+        # the round's forwards: the one whose log-probs TRL returns as `old_per_token_logps`.
         args = self.args
         wants_entropies = args.token_filter_criterion == "entropy" and args.token_filter_ratio < 1.0
-        self._old_logps_entropies = [] if wants_entropies and self.model.training else None
+        self._round_forwards = [] if wants_entropies and self.model.training else None
         try:
             output = super()._generate_and_score_round(inputs)
         finally:
-            captured, self._old_logps_entropies = self._old_logps_entropies, None
-        if captured and output.get("old_per_token_logps") is not None:
-            output[ENTROPIES_KEY] = captured[0]
+            forwards, self._round_forwards = self._round_forwards, None
+        old_logps = output.get("old_per_token_logps")
+        if forwards is not None and old_logps is not None:
+            output[ENTROPIES_KEY] = old_logps_entropies(forwards, old_logps)
         if self.args.perturbation_space == "original_image" and output.get("num_images") is not None:
             images = completion_images(inputs)
             if [len(row) for row in images] == list(output["num_images"]):
@@ -75,12 +79,14 @@ class VisualDependencyPassesMixin(SharedStateMixin):
                 self._warned_image_mismatch = True
         return output
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        if self._old_logps_entropies is None or self._old_logps_entropies:  # not armed, or already captured
-            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if self._round_forwards is None or model is not self.model:  # not generating, or the reference model
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         compute_entropy = kwargs.pop("compute_entropy", False)
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, compute_entropy=True, **kwargs)
-        self._old_logps_entropies.append(entropies)
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+            model, *args, compute_entropy=True, **kwargs
+        )
+        self._round_forwards.append((logps, entropies))
         return logps, entropies if compute_entropy else None, aux_loss
 
     def _visual_dependency(
@@ -110,8 +116,9 @@ class VisualDependencyPassesMixin(SharedStateMixin):
             target = int(counts.max())
             filler = rows[:1] or self._rows_with_images(batch)[:1] or [0]
             measured_rows = rows + filler * (target - len(rows))
-            if not measured_rows:
-                return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device), None
+            if not measured_rows:  # no process measures anything: no pass, nothing measured
+                zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+                return zeros, zeros.clone() if compute_entropy else None
 
         if COMPLETION_INDEX_KEY not in batch:
             batch[COMPLETION_INDEX_KEY] = torch.arange(mask.size(0), device=mask.device)
@@ -340,6 +347,21 @@ def kl_chunk_dependency(
                 entropy = -(logp.exp() * logp).sum(-1)
                 entropies[:, window] = torch.where(mask[:, window].bool(), entropy, torch.zeros_like(entropy))
     return kl, entropies
+
+
+def old_logps_entropies(
+    forwards: Sequence[tuple[torch.Tensor, torch.Tensor]], old_logps: torch.Tensor
+) -> torch.Tensor:
+    """The entropies of the forward among `forwards` ((log-probs, entropies) pairs) whose log-probs are `old_logps`."""
+    for logps, entropies in forwards:
+        if logps is old_logps or (logps.shape == old_logps.shape and torch.equal(logps, old_logps)):
+            return entropies
+    raise RuntimeError(
+        f"None of the policy's {len(forwards)} forward pass(es) of the generation round gave the old log-probs "
+        f"(old_per_token_logps) that GRPOTrainer of the installed trl {trl.__version__} returned, as trl 1.16's "
+        "old-log-prob pass does. VPPO's entropy token filter reads that pass's entropies and stops rather than use "
+        "another's. Install a trl this vppo-trl supports (setup.cfg: trl>=1.16,<1.17)."
+    )
 
 
 def check_vision_model(model: torch.nn.Module, processing_class: Any) -> None:

@@ -1,11 +1,14 @@
 """VPPOTrainer: GRPO whose policy gradient is focused on the tokens and trajectories that depend on the image."""
 
+import functools
 import os
 import textwrap
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import trl
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
@@ -16,26 +19,11 @@ from ..longrun.guards import NonFiniteLossGuardMixin
 from ..longrun.imageless import ImagelessProcessMixin
 from ..longrun.resume import ExactResumeMixin
 from .config import VPPOConfig
-from .core import (
-    TOKEN_SUM_LOSS_TYPES,
-    advantage_scales,
-    entropy_penalty,
-    guard_openness,
-    guarded_advantage_scales,
-    guarded_filter_ratio,
-    kept_dependency_sums,
-    random_token_mask,
-    sign_balanced_scales,
-    sign_scale_gap,
-    token_dependency,
-    top_dependency_mask,
-    top_entropy_mask,
-    trajectory_dependency,
-)
-from .metrics import dependency_metrics, dependency_sums, guard_metrics
+from .core import TOKEN_SUM_LOSS_TYPES, entropy_penalty, token_dependency
 from .model_card import append_vppo_section
 from .passes import VisualDependencyPassesMixin, check_vision_model
 from .perturbations import PixelLayout
+from .shaping import ShapingSettings, shape_advantages
 
 logger = logging.get_logger(__name__)
 
@@ -100,8 +88,7 @@ class VPPOTrainer(
             logger.info("Setting the processor's padding_side to 'left', as GRPOTrainer's prompt layout requires.")
             tokenizer.padding_side = "left"
         self.shared.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
-        self._loss_inputs: dict[str, Any] | None = None  # the inputs of the loss being computed
-        self._policy_logps: torch.Tensor | None = None
+        self._loss_forward: LossForward | None = None  # the loss being computed, while `_compute_loss` runs
         self._warned_without_images = False
         if args.spotlight_steps > 0:
             from ..tools.spotlight_callback import SpotlightCallback  # the viewer is loaded only when it is asked for
@@ -214,102 +201,26 @@ class VPPOTrainer(
         entropies: torch.Tensor | None = None,
     ) -> None:
         """
-        Fold TGF (per-token mask) and TAS (per-completion scale) into `batch["advantages"]`, and log metrics.
-
-        `entropies` (original-image policy entropies) are needed only by the `entropy` token filter criterion.
+        Rewrite `batch["advantages"]` with TGF and TAS ([`shape_advantages`], over all processes), show the result to
+        the spotlight, log its metrics. `entropies` (original-image policy entropies) serve the `entropy` criterion.
         """
-        args = self.args
         mask = loss_mask(batch)
         advantages = batch["advantages"]
-        openness, ratio = 1.0, args.token_filter_ratio
-        if args.cold_start_guard:
-            openness = self._cold_start_openness(dependency, mask, shapeable)
-            ratio = guarded_filter_ratio(ratio, openness)
-        if ratio < 1.0:
-            filtered = self._filter_tokens(dependency, entropies, mask, ratio)
-            keep = torch.where(measured.unsqueeze(-1), filtered, mask.bool())
-        else:
-            keep = mask.bool()
-
-        # TAS statistics span the whole generation batch, all processes together.
-        all_dependency = self.accelerator.gather(trajectory_dependency(dependency, mask))
-        all_shapeable = self.accelerator.gather(shapeable)
-        if args.advantage_shaping:
-            all_scales = advantage_scales(
-                all_dependency,
-                all_shapeable,
-                args.advantage_scale_min,
-                args.advantage_scale_max,
-                args.advantage_scale_max_cap,
-            )
-            if args.cold_start_guard:
-                all_scales = self._guarded_scales(all_scales, advantages, all_shapeable, openness)
-        else:
-            all_scales = torch.ones_like(all_dependency)
-        first = self.accelerator.process_index * len(advantages)
-        shaped = advantages * all_scales[first : first + len(advantages)].to(advantages.dtype)
-        if args.token_filter_ratio < 1.0:
-            batch["advantages"] = shaped.unsqueeze(-1) * keep.to(shaped.dtype)
-        else:
-            batch["advantages"] = shaped
-        if self.shared.spotlight_capture is not None:
-            scales = all_scales[first : first + len(advantages)]
-            self.shared.spotlight_capture(batch, dependency, mask, keep, measured, scales, advantages)
-        self._log_dependency_metrics(dependency, mask, keep, measured, with_image, all_scales, all_shapeable)
-
-    def _cold_start_openness(self, dependency: torch.Tensor, mask: torch.Tensor, shapeable: torch.Tensor) -> float:
-        """
-        The cold-start guard's openness for this generation batch, the same on every process, and its metrics.
-
-        Read from the tokens TGF keeps at its configured ratio in the completions with a policy gradient (those are
-        measured whether or not `skip_zero_advantage` skips the others).
-        """
-        args = self.args
-        sums = kept_dependency_sums(dependency, mask, shapeable, args.token_filter_ratio)
-        total, count = self.accelerator.reduce(sums, reduction="sum").tolist()
-        kept_dependency = total / count if count > 0 else None
-        openness = 0.0
-        if kept_dependency is not None:
-            openness = guard_openness(kept_dependency, args.cold_start_guard_floor, args.cold_start_guard_full)
-        ratio = guarded_filter_ratio(args.token_filter_ratio, openness)
-        for name, value in guard_metrics(kept_dependency, openness, ratio).items():
-            self._metrics["train"][name].append(value)
-        return openness
-
-    def _guarded_scales(
-        self, scales: torch.Tensor, advantages: torch.Tensor, shapeable: torch.Tensor, openness: float
-    ) -> torch.Tensor:
-        """The whole batch's TAS scales under the cold-start guard: blended towards 1 by `openness`, then balanced on
-        each side of the advantage's sign (`cold_start_guard_balance`), with the gap that removes logged."""
-        scales = guarded_advantage_scales(scales, openness)
-        if not self.args.cold_start_guard_balance:
-            return scales
-        all_advantages = self.accelerator.gather(advantages)
-        gap = sign_scale_gap(scales, all_advantages, shapeable)
-        if gap is not None:
-            self._metrics["train"]["vppo/guard_sign_gap"].append(gap)
-        return sign_balanced_scales(scales, all_advantages, shapeable)
-
-    def _filter_tokens(
-        self, dependency: torch.Tensor, entropies: torch.Tensor | None, mask: torch.Tensor, ratio: float
-    ) -> torch.Tensor:
-        """TGF's kept tokens at `ratio` under `token_filter_criterion`: by dependency (VPPO), at random, by entropy."""
-        criterion = self.args.token_filter_criterion
-        if criterion == "random":
+        generator = None
+        if self.args.token_filter_criterion == "random":
             # Own stream, seeded like the perturbation draws; drawn for the whole batch: skipping changes nothing.
             seed = hash((self.args.seed, self.shared.perturbation_round, self.accelerator.process_index, 1)) % (2**63)
-            return random_token_mask(mask, ratio, torch.Generator(device=mask.device).manual_seed(seed))
-        if criterion == "entropy":
-            if entropies is None:
-                raise RuntimeError("token_filter_criterion='entropy' needs the original-image entropies.")
-            return top_entropy_mask(entropies, mask, ratio)
-        return top_dependency_mask(dependency, mask, ratio)
-
-    def _log_dependency_metrics(self, dependency, mask, keep, measured, with_image, all_scales, all_shapeable) -> None:
-        sums = dependency_sums(dependency, mask, keep, measured, with_image)
-        totals = self.accelerator.reduce(torch.stack(list(sums.values())).float(), reduction="sum").tolist()
-        metrics = dependency_metrics(dict(zip(sums, totals, strict=True)), all_scales, all_shapeable)
-        for name, value in metrics.items():
+            generator = torch.Generator(device=mask.device).manual_seed(seed)
+        reduce_sum = functools.partial(self.accelerator.reduce, reduction="sum")
+        shaped = shape_advantages(
+            ShapingSettings.of(self.args), advantages, dependency, mask, measured, shapeable, with_image,
+            entropies=entropies, generator=generator, process_index=self.accelerator.process_index,
+            gather=self.accelerator.gather, reduce_sum=reduce_sum,
+        )  # fmt: skip
+        batch["advantages"] = shaped.advantages
+        if self.shared.spotlight_capture is not None:
+            self.shared.spotlight_capture(batch, dependency, mask, shaped.keep, measured, shaped.scales, advantages)
+        for name, value in shaped.metrics().items():
             self._metrics["train"][name].append(value)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
@@ -323,40 +234,32 @@ class VPPOTrainer(
     # Loss: GRPO's, plus the entropy penalty on the current policy's log-probs
     # ------------------------------------------------------------------------------------------------------------
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        inputs, self._loss_inputs = self._loss_inputs, None
-        if inputs is not None:
-            # The loss's own forward: GRPO reads the advantages only after it, so deferred TGF and TAS land in time.
-            self._policy_logps = logps
-            if DEFERRED_KEY in inputs:
-                self._finish_deferred_shaping(inputs, logps.detach(), entropies)
+    def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
+        loss_forward = self._loss_forward
+        if loss_forward is None:  # not inside `_compute_loss`: generation, scoring, VPPO's own passes
+            return super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
+        loss_forward.check(model, input_ids)
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
+        loss_forward.logps = logps
+        if DEFERRED_KEY in loss_forward.inputs:
+            # GRPO reads the advantages only after this forward, so the deferred TGF and TAS land in time. Its
+            # entropies serve the `entropy` criterion without an extra pass.
+            inputs = loss_forward.inputs
+            roles = {name: inputs.pop(f"{DEFERRED_KEY}_{name}") for name in ("measured", "shapeable", "with_image")}
+            measured_mask = loss_mask(inputs) * roles["measured"].unsqueeze(-1)
+            dependency = token_dependency(logps.detach(), inputs.pop(DEFERRED_KEY), measured_mask)
+            self._shape_advantages(inputs, dependency, **roles, entropies=entropies)
         return logps, entropies, aux_loss
 
-    def _finish_deferred_shaping(
-        self, inputs: dict[str, Any], logps: torch.Tensor, entropies: torch.Tensor | None
-    ) -> None:
-        """
-        TGF and TAS from the loss forward's log-probs (original images) and the stored perturbed log-probs.
-
-        GRPO's loss forward also computes the entropies, so the `entropy` criterion costs no extra pass here.
-        """
-        roles = {name: inputs.pop(f"{DEFERRED_KEY}_{name}") for name in ("measured", "shapeable", "with_image")}
-        measured_mask = loss_mask(inputs) * roles["measured"].unsqueeze(-1)
-        dependency = token_dependency(logps, inputs.pop(DEFERRED_KEY), measured_mask)
-        self._shape_advantages(inputs, dependency, **roles, entropies=entropies)
-
     def _compute_loss(self, model, inputs):
-        self._loss_inputs = inputs
+        loss_forward = self._loss_forward = LossForward(model, inputs, torch.is_grad_enabled())
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
-            self._loss_inputs = None
-            policy_logps, self._policy_logps = self._policy_logps, None
-        if DEFERRED_KEY in inputs:
-            raise RuntimeError(
-                "VPPO's deferred advantage shaping did not run: GRPOTrainer's loss changed its forward."
-            )
+            self._loss_forward = None
+        policy_logps = loss_forward.logps
+        if policy_logps is None:
+            raise RuntimeError(call_order_message("it computed the loss without a forward pass of the policy"))
         if self.args.entropy_penalty_coef == 0.0:
             return loss
         mask = loss_mask(inputs)
@@ -373,6 +276,54 @@ class VPPOTrainer(
         token_mean = entropy_penalty(policy_logps.detach(), mask)  # logged: mean -log p per token of this batch
         self._metrics[mode]["vppo/entropy_penalty"].append(self.accelerator.gather(token_mean).mean().item())
         return loss + self.args.entropy_penalty_coef * penalty
+
+
+@dataclass
+class LossForward:
+    """
+    The loss `_compute_loss` is computing, while it runs, and the log-probs of its own forward pass once it ran.
+
+    VPPO recognises that forward by what it is given, not by its place among the calls: the same model as the loss,
+    the batch's own prompt and completion tokens, gradient on exactly when the loss has it. Its log-probs are the
+    original-image pass of the deferred TGF and TAS, and the entropy penalty's.
+    """
+
+    model: Any
+    inputs: dict[str, Any]
+    grad_enabled: bool
+    logps: torch.Tensor | None = None
+
+    def check(self, model, input_ids: torch.Tensor) -> None:
+        """Raise an error naming what changed unless this forward is the loss's own, and the first one."""
+        prompt_ids, completion_ids = self.inputs["prompt_ids"], self.inputs["completion_ids"]
+        tokens = prompt_ids.size(1) + completion_ids.size(1)
+        same_tokens = input_ids.shape == (prompt_ids.size(0), tokens) and torch.equal(
+            input_ids, torch.cat([prompt_ids, completion_ids], dim=1).to(input_ids.device)
+        )
+        if self.logps is not None:
+            problem = "it ran a second forward pass after the loss's own"
+        elif model is not self.model:
+            problem = f"it ran a forward pass of another model ({type(model).__name__}) before the loss's own"
+        elif not same_tokens:
+            problem = (
+                f"it ran a forward pass on other tokens (input_ids {list(input_ids.shape)}) than the batch's prompt "
+                f"and completion ({[prompt_ids.size(0), tokens]}) before the loss's own"
+            )
+        elif torch.is_grad_enabled() != self.grad_enabled:
+            mode = "on" if torch.is_grad_enabled() else "off"
+            problem = f"it ran a forward pass with gradient {mode} before the loss's own"
+        else:
+            return
+        raise RuntimeError(call_order_message(problem))
+
+
+def call_order_message(problem: str) -> str:
+    return (
+        f"GRPOTrainer._compute_loss of the installed trl {trl.__version__} does not run the one forward pass VPPO "
+        f"expects, the policy's own on the batch's prompt and completion (as trl 1.16 does): {problem}. VPPOTrainer "
+        "reads that forward's log-probs for its deferred TGF and TAS and for its entropy penalty, and stops rather "
+        "than use the wrong ones. Install a trl this vppo-trl supports (setup.cfg: trl>=1.16,<1.17)."
+    )
 
 
 def loss_mask(batch: dict[str, Any]) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 [`token_perception`] scores one completion with the original and the perturbed image(s) through the functions
 VPPOTrainer measures with (`vppo_trl.method.passes`: the same seeded draw per completion and image, the same
-perturbation, the same estimators; `vppo_trl.method.core`: the same token filter and TAS), with [`VPPOConfig`]'s
-settings and defaults ([`MeasurementSettings`]), and returns per-token dependencies. Its draw `d` of completion `i`
+perturbation, the same estimators; `vppo_trl.method.shaping`: the same token filter, TAS and cold-start guard), with
+[`VPPOConfig`]'s settings and defaults ([`MeasurementSettings`]), and returns per-token dependencies. Its log-probs
+come from the language backbone and the LM head in the model's own dtype, where training's come from TRL's forward
+under the trainer's autocast: `docs/design.md` says how close the two are. Its draw `d` of completion `i`
 is the draw training makes for completion `i` of its generation batch in round `d + 1` on process 0.
 [`sample_perceptions`] does it for several completions of one prompt, sampled like training, with the TAS scale and
 reward each gets. `vppo_trl.tools.spotlight_page` draws them (HTML page, PNG, distributions); `vppo-trl spotlight`
@@ -23,7 +25,7 @@ from trl.data_utils import prepare_multimodal_messages
 
 from ..command_line import CommandLineParser
 from ..method.config import VPPOConfig
-from ..method.core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
+from ..method.core import token_dependency, trajectory_dependency
 from ..method.passes import (
     IMAGES_KEY,
     completion_hidden_states,
@@ -32,6 +34,7 @@ from ..method.passes import (
     perturbation_seeds,
 )
 from ..method.perturbations import PixelLayout
+from ..method.shaping import ShapingSettings, shape_advantages
 from ..rewards import REWARD_FUNCTIONS
 from .spotlight_page import CONTINUATION
 
@@ -48,11 +51,19 @@ MEASUREMENT_ALIASES = {
     "perturbation_blur_radius": ["--blur-radius"],
     "dependency_estimator": ["--estimator"],
     "token_filter_ratio": [],
+    "advantage_shaping": [],
     "advantage_scale_min": [],
     "advantage_scale_max": [],
     "advantage_scale_max_cap": [],
+    "cold_start_guard": [],
+    "cold_start_guard_floor": [],
+    "cold_start_guard_full": [],
+    "cold_start_guard_balance": [],
     "temperature": [],
 }
+# The shaping settings a measurement reads: training's, but for TGF's criterion, which is the dependency (what the
+# spotlight shows); `shaping_settings` builds them.
+SHAPING_FIELDS = [setting.name for setting in fields(ShapingSettings) if setting.name != "token_filter_criterion"]
 
 MeasurementSettings = make_dataclass(
     "MeasurementSettings",
@@ -70,8 +81,8 @@ MeasurementSettings = make_dataclass(
     ],
 )
 MeasurementSettings.__doc__ = (
-    "The VPPOConfig fields a measurement reads (perturbation, estimator, TGF, TAS, temperature), with VPPOConfig's "
-    "defaults and help: a setting has one default, the trainer's."
+    "The VPPOConfig fields a measurement reads (perturbation, estimator, TGF, TAS, the cold-start guard, "
+    "temperature), with VPPOConfig's defaults and help: a setting has one default, the trainer's."
 )
 
 
@@ -94,6 +105,36 @@ def _settings(settings: "MeasurementSettings | None", overrides: dict) -> "Measu
 def measurement_settings(config: VPPOConfig) -> "MeasurementSettings":
     """The measurement settings of a training configuration."""
     return MeasurementSettings(**{name: getattr(config, name) for name in MEASUREMENT_ALIASES})
+
+
+def shaping_settings(settings: "MeasurementSettings") -> ShapingSettings:
+    """The TGF, TAS and guard settings of a measurement for the shaping function training calls; TGF by dependency."""
+    return ShapingSettings(**{name: getattr(settings, name) for name in SHAPING_FIELDS})
+
+
+def shape_group(
+    settings: "MeasurementSettings", dependencies: Sequence[Sequence[float]], advantages: Sequence[float] | None = None
+):
+    """
+    TGF's kept tokens and TAS's scales of completions shaped together as a generation batch, through
+    [`shape_advantages`], the function training calls (one process, the completions' own statistics).
+
+    With `advantages` (rewards minus the group's mean), TAS's statistics cover the completions with a non-zero one,
+    as in training; without, every completion, all on one side of the sign (the scale each would get with a positive
+    advantage). Returns the [`ShapedBatch`].
+    """
+    lengths = [len(values) for values in dependencies]
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths).unsqueeze(-1)).long()
+    dependency = torch.zeros(mask.shape)
+    for row, values in enumerate(dependencies):
+        dependency[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    rewarded = advantages is not None
+    advantages = torch.tensor(advantages if rewarded else [1.0] * len(lengths), dtype=torch.float32)
+    everything = torch.ones(len(lengths), dtype=torch.bool)
+    shapeable = advantages != 0 if rewarded else everything
+    return shape_advantages(
+        shaping_settings(settings), advantages, dependency, mask, everything, shapeable, everything
+    )
 
 
 @dataclass
@@ -309,12 +350,13 @@ def token_perception(
             )
             total += kl
     dependency = total / draws
-    kept = top_dependency_mask(dependency, mask, settings.token_filter_ratio)
+    kept = shape_group(settings, dependency.tolist()).keep
     ids = completion_ids.tolist()
     tokens, special = display_tokens(processor.tokenizer, ids)
     shown = asdict(settings)
-    for tas_setting in ("advantage_scale_min", "advantage_scale_max", "advantage_scale_max_cap"):
-        shown.pop(tas_setting)
+    for shaping_setting in SHAPING_FIELDS:
+        if shaping_setting != "token_filter_ratio":
+            shown.pop(shaping_setting)
     return TokenPerception(
         tokens=tokens,
         dependency=dependency[0].tolist(),
@@ -394,9 +436,11 @@ def sample_perceptions(
     Token perception of several completions of one prompt, as a training group: sampled like training (or the
     `completions` given), each with the TAS scale it gets among the others and, when `answer` is given, its reward.
 
-    With rewards, the TAS statistics cover the completions whose GRPO advantage (reward minus the group mean) is not
-    zero, as in training; without, they cover every completion (the scale each would get with a non-zero advantage).
-    Completion `i` is measured with the draws training makes for completion `i` of a generation batch.
+    The kept tokens and the scales come from the shaping function training calls ([`shape_group`]), with the
+    cold-start guard's blend and balance when it is on; the group stands for the generation batch. With rewards, the
+    TAS statistics cover the completions whose GRPO advantage (reward minus the group mean) is not zero, as in
+    training; without, they cover every completion (the scale each would get with a positive advantage). Completion
+    `i` is measured with the draws training makes for completion `i` of a generation batch.
     """
     settings = _settings(settings, overrides)
     if completions is None:
@@ -419,23 +463,17 @@ def sample_perceptions(
         )  # fmt: skip
         for index, completion in enumerate(completions)
     ]
-    valid = torch.ones(len(perceptions), dtype=torch.bool)
+    advantages = None
     if answer is not None and reward_func is not None:
         texts = [item.completion for item in perceptions]
         rewards = reward_func(completions=texts, answer=[answer] * len(texts), prompts=[prompt] * len(texts))
         mean = sum(rewards) / len(rewards)
         for item, reward in zip(perceptions, rewards, strict=True):
             item.reward, item.advantage = float(reward), float(reward) - mean
-        valid = torch.tensor([item.advantage != 0 for item in perceptions])
-    dependencies = torch.tensor([item.trajectory_dependency for item in perceptions])
-    scales = advantage_scales(
-        dependencies,
-        valid,
-        settings.advantage_scale_min,
-        settings.advantage_scale_max,
-        settings.advantage_scale_max_cap,
-    )
-    for item, scale in zip(perceptions, scales.tolist(), strict=True):
+        advantages = [item.advantage for item in perceptions]
+    shaped = shape_group(settings, [item.dependency for item in perceptions], advantages)
+    for row, (item, scale) in enumerate(zip(perceptions, shaped.scales.tolist(), strict=True)):
+        item.kept = shaped.keep[row, : len(item.dependency)].tolist()
         item.advantage_scale = scale
     return perceptions
 
