@@ -636,8 +636,9 @@ def build_parser() -> CommandLineParser:
     return CommandLineParser(
         (SpotlightArguments, MeasurementSettings),
         prog="vppo-trl spotlight",
-        description="Show which tokens of a model's answers depend on the image, measured exactly as VPPOTrainer "
-        "measures them. Writes perception.html (open it in a browser), perception.png (the same view), "
+        description="Show which tokens of a model's answers depend on the image, measured and shaped through the "
+        "functions VPPOTrainer uses (its perturbation draws, estimators, TGF, TAS and cold-start guard). Writes "
+        "perception.html (open it in a browser), perception.png (the same view), "
         "distributions.png and perception.json to --output-dir.",
     )
 
