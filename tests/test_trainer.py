@@ -504,6 +504,17 @@ def test_entropy_criterion_from_the_loss_forward_and_from_an_extra_pass_agree(tm
     torch.testing.assert_close(deferred["advantages"], eager["advantages"])
 
 
+def test_old_logps_entropies_are_those_of_the_forward_that_gave_trls_old_logps():
+    """Recognised by its result, whatever the order of the round's forwards (a reference pass with the same model,
+    under PEFT, comes after TRL's old-log-prob pass today; it could come before)."""
+    reference, old = (torch.randn(2, 3), torch.rand(2, 3)), (torch.randn(2, 3), torch.rand(2, 3))
+    old_logps = old[0].clone()  # equal values, another tensor
+    assert passes_module.old_logps_entropies([reference, old], old_logps) is old[1]
+    assert passes_module.old_logps_entropies([old, reference], old[0]) is old[1]
+    with pytest.raises(RuntimeError, match=rf"installed trl {re.escape(trl.__version__)}"):
+        passes_module.old_logps_entropies([reference], old_logps)
+
+
 @pytest.mark.parametrize(
     ("criterion", "route"),
     [("random", {}), ("entropy", {}), ("entropy", {"num_iterations": 2, "per_device_train_batch_size": 4})],
