@@ -1,1 +1,2 @@
-"""The method: VPPO's math, perturbations, the measurement passes, batch rows, metrics, config and trainer."""
+"""The method: VPPO's math, the shaping of a batch, perturbations, the measurement passes, batch rows, metrics, config
+and trainer."""
