@@ -35,11 +35,12 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 
 
 def _deepstack_features(output: Any) -> list[torch.Tensor] | None:
-    """Qwen3-VL's features of inner vision layers, if the vision tower returns any."""
+    """Qwen3-VL's features of inner vision layers, if the image path returns any (one tensor per layer; the model
+    splits each per image)."""
     features = getattr(output, "deepstack_features", None)
-    if features is None and isinstance(output, (tuple, list)) and len(output) > 1:
-        features = output[1]
-    return list(features) if isinstance(features, (tuple, list)) else None
+    if not isinstance(features, (tuple, list)):
+        return None
+    return [torch.cat(list(feature)) if isinstance(feature, (tuple, list)) else feature for feature in features]
 
 
 class VisionTowerSync:
