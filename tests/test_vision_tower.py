@@ -2,6 +2,7 @@
 process without images (the ZeRO-3 hook, here in one process; two-process runs in test_imageless_families.py)."""
 
 import copy
+import random
 
 import pytest
 import torch
@@ -10,7 +11,15 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.longrun.imageless import VisionTowerSync
 from vppo_trl.method.vision import freeze_vision_tower, vision_parts, vision_tower_parameters
-from vppo_trl.testing import FAMILIES, VLM_FAMILIES, cached_family, family_available, make_colour_dataset
+from vppo_trl.testing import (
+    COLOUR_QUESTION,
+    FAMILIES,
+    VLM_FAMILIES,
+    cached_family,
+    family_available,
+    make_colour_dataset,
+    make_shape_image,
+)
 
 ALL_FAMILIES = (*FAMILIES, *VLM_FAMILIES)
 
@@ -24,30 +33,44 @@ def family_or_skip(name: str):
 
 
 def text_only_inputs(processor) -> dict:
-    tokenizer = processor.tokenizer
-    return tokenizer(["Name a colour.", "What is two plus two?"], return_tensors="pt", padding=True)
+    return processor.tokenizer(["Name a colour.", "What is two plus two?"], return_tensors="pt", padding=True)
+
+
+def image_inputs(processor) -> dict:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": COLOUR_QUESTION}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    image = make_shape_image("red", random.Random(0))
+    return processor(images=[[image]], text=[text], return_tensors="pt", padding=True)
+
+
+def reached(model, inputs) -> set[str]:
+    """The parameters a forward and backward pass on `inputs` gives a gradient."""
+    model.zero_grad(set_to_none=True)
+    model(**inputs).logits.float().sum().backward()
+    return {name for name, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_blank_image_run_leaves_the_output_alone_and_reaches_every_tower_parameter(family):
-    """The ZeRO-3 hook on a text-only forward: same logits, and a gradient (of zeros) for every vision parameter, as
-    a process with images has, so that both run the same collectives."""
+def test_blank_image_run_leaves_the_output_alone_and_reaches_what_an_image_reaches(family):
+    """The ZeRO-3 hook on a text-only forward: the same logits, and a gradient (of zeros) for every vision parameter a
+    forward with an image reaches, so that a process without images runs the same collectives as one with them."""
     model, processor = family_or_skip(family)
     towers, projectors = vision_parts(model)
-    vision = [p for module in towers + projectors for p in module.parameters()]
+    vision = {name for name, p in model.named_parameters() if any(p is q for m in towers + projectors
+                                                                   for q in m.parameters())}  # fmt: skip
+    with_image = reached(model, image_inputs(processor)) & vision
+    assert with_image
     inputs = text_only_inputs(processor)
+    assert not reached(model, inputs) & vision  # a text-only forward skips the vision tower: the hang under ZeRO-3
     with torch.no_grad():
         expected = model(**inputs).logits
     sync = VisionTowerSync(model, processor)
-    model.zero_grad()
-    logits = model(**inputs).logits
-    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
-    logits.float().sum().backward()
-    assert all(p.grad is not None and not p.grad.any() for p in vision)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+    assert reached(model, inputs) & vision == with_image
+    parameters = dict(model.named_parameters())
+    assert not any(parameters[name].grad.any() for name in with_image)
     sync.remove()
-    model.zero_grad()
-    model(**inputs).logits.float().sum().backward()
-    assert all(p.grad is None for p in vision)  # without the hook the text-only forward skips the tower
 
 
 def test_a_model_without_an_image_path_is_refused_with_the_reason():

@@ -22,13 +22,21 @@ from ..method.perturbations import process_images
 from ..method.shared_state import SharedStateMixin
 from ..method.vision import base_model, check_vision_model, family_name
 
+# Side of the blank image: small, and a size every processor takes as it is (4 x 4 patches of 14 px).
+BLANK_SIDE = 56
+
+
+def _image_features(output: Any) -> list[torch.Tensor]:
+    """The tensors of `get_image_features`' output that the model merges into the embeddings (`pooler_output` of a
+    model output; not the tower's other outputs, which the model does not use)."""
+    pooled = getattr(output, "pooler_output", None)
+    return _tensors(pooled if pooled is not None else output)
+
 
 def _tensors(output: Any) -> list[torch.Tensor]:
     """Every tensor of an image-feature output (a tensor, a tuple or list of them, or a model output)."""
     if isinstance(output, torch.Tensor):
         return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
     if isinstance(output, (tuple, list)):
         return [tensor for item in output for tensor in _tensors(item)]
     return []
@@ -64,14 +72,8 @@ class VisionTowerSync:
                 f"{type(backbone).__name__} and a separate decoder), so a process whose batch has no image cannot "
                 "keep in step under ZeRO-3 or FSDP: keep images in every process's batch, or train without sharding."
             )
-        image_processor = processor.image_processor
-        side = (getattr(image_processor, "patch_size", None) or 14) * (
-            getattr(image_processor, "merge_size", None) or 2
-        )
-        if isinstance(side, dict):  # a patch size given as {"height": ..., "width": ...}
-            side = 28
         try:
-            blank = process_images(processor, [[Image.new("RGB", (side, side))]])
+            blank = process_images(processor, [[Image.new("RGB", (BLANK_SIDE, BLANK_SIDE))]])
         except Exception as error:  # any failure of the processor is the reason given
             raise ValueError(
                 f"{family}'s processor cannot process a blank image ({type(error).__name__}: {error}), so a process "
@@ -106,7 +108,7 @@ class VisionTowerSync:
         features = self.image_features(**inputs)
         # Between the embedding and the decoder layers, like real image features: the same order of parameter
         # gathering on every process, forward and backward.
-        total = sum(tensor.float().sum() for tensor in _tensors(features) if tensor.is_floating_point())
+        total = sum(tensor.float().sum() for tensor in _image_features(features) if tensor.is_floating_point())
         kwargs["inputs_embeds"] = embeddings + 0.0 * total.to(embeddings.dtype)
         deepstack = _deepstack_features(features)
         if deepstack and self.takes_deepstack and kwargs.get("deepstack_visual_embeds") is None:

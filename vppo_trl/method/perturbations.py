@@ -405,15 +405,17 @@ def process_images(processor: Any, images_per_sample: Sequence[Sequence[Any]], d
     `processor`'s image tensors for `images_per_sample`, called as GRPOTrainer calls it: one list of images per
     sample, `padding=True`, the processor's own image settings (tiling, crops, sizes). The text is each sample's image
     placeholders only (the image tensors do not depend on the rest of it), and what the tokenizer returns is dropped.
+    Images are PIL images or `[C, H, W]` uint8 tensors.
     """
     texts = [processor.image_token * len(images) for images in images_per_sample]
-    # Channels first, said explicitly: transformers < 5.18 guesses the layout of a small tensor wrong.
+    tensors = any(isinstance(image, torch.Tensor) for images in images_per_sample for image in images)
     output = processor(
         images=[list(images) for images in images_per_sample],
         text=texts,
         padding=True,
         return_tensors="pt",
         device=device,
-        input_data_format="channels_first",
+        # Channels first, said explicitly: transformers < 5.18 guesses the layout of a small tensor wrong.
+        **({"input_data_format": "channels_first"} if tensors else {}),
     )
     return {key: value for key, value in output.items() if key not in TEXT_KEYS}

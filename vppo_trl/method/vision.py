@@ -44,7 +44,9 @@ def vision_parts(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[to
     backbone = getattr(model, "model", model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     towers, projectors = [], []
-    for name, child in backbone.named_children():
+    if decoder is backbone:  # a language model alone
+        decoder = None
+    for name, child in backbone.named_children() if decoder is not None else ():
         if child is decoder or name in ("language_model", "text_model"):
             continue
         (projectors if name in PROJECTOR_NAMES else towers).append(child)
