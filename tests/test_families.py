@@ -202,4 +202,4 @@ def test_a_processor_changed_after_the_trainer_was_built_is_named(tmp_path):
     assert "The perturbed images do not have the original batch's token layout: processing them again gave " in str(
         failed.value
     )
-    assert "pixel_values of shape (4, 2, 3, 28, 28) instead of (4, 10, 3, 28, 28)" in str(failed.value)
+    assert "pixel_values of shape (4, 1, 3, 28, 28) instead of (4, 5, 3, 28, 28)" in str(failed.value)
