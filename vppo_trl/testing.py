@@ -1,10 +1,11 @@
 """Tiny, offline, random-init vision-language models for tests, the CPU demo and benchmarks.
 
 Nothing here touches the Hugging Face Hub: the tokenizer is a byte-level BPE trained on a built-in corpus, the
-processors are the real Qwen-VL processor classes configured for small images, and the models are the real Qwen-VL
-model classes built from tiny configs. Using the real classes (rather than mocks) is what makes the tests meaningful:
-TRL's ``GRPOTrainer`` treats them as VLMs, the processors emit ``pixel_values``/``image_grid_thw``, and the models run
-the real M-RoPE / vision-merger code paths.
+processors are the real processor classes configured for small images, and the models are the real model classes
+built from tiny configs: the Qwen-VL builders (``build_tiny_vlm``, used by the demo and benchmarks) and every other
+family GRPOTrainer trains, from one declarative table (``VLM_FAMILIES``, built by ``build_family``). Using the real
+classes (rather than mocks) is what makes the tests meaningful: TRL's ``GRPOTrainer`` treats them as VLMs, the
+processors emit each family's own image tensors, and the models run their real vision and merging code paths.
 """
 
 from __future__ import annotations
@@ -31,11 +32,17 @@ __all__ = [
     "COLOUR_QUESTION",
     "FAMILIES",
     "SPECIAL_TOKENS",
+    "VLM_FAMILIES",
+    "Family",
+    "build_family",
+    "build_family_tokenizer",
     "build_model",
     "build_processor",
     "build_tiny_vlm",
     "build_tokenizer",
+    "cached_family",
     "colour_reward",
+    "family_available",
     "make_colour_dataset",
     "make_shape_image",
     "save_tiny_workspace",
@@ -43,6 +50,7 @@ __all__ = [
     "tiny_main",
 ]
 
+# The Qwen-VL families of `build_tiny_vlm` (the others are `VLM_FAMILIES`, below).
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 COLOURS = ("red", "green", "blue", "yellow")
 COLOUR_QUESTION = "What colour is the shape? Answer with one word."
@@ -506,8 +514,6 @@ class Family:
     """Tokens that end a generation besides `eos` (the real generation config's)."""
     multi_image: bool = True
     """Whether GRPOTrainer trains it on prompts with several images."""
-    since: str | None = None
-    """The first transformers release with this family, where it is newer than the oldest one supported."""
 
 
 def _text(**overrides: Any) -> dict[str, Any]:
@@ -536,7 +542,7 @@ def _vision(**overrides: Any) -> dict[str, Any]:
     }
 
 
-def _qwen_ids(vocab_tokens: bool = True) -> dict[str, Token]:
+def _qwen_ids() -> dict[str, Token]:
     return {
         "image_token_id": Token("<|image_pad|>"),
         "video_token_id": Token("<|video_pad|>"),
@@ -1106,13 +1112,10 @@ def _resolve(value: Any, tokenizer: PreTrainedTokenizerFast) -> Any:
 def family_available(name: str) -> str | None:
     """`None` when the installed transformers has family `name`, otherwise the reason it has not."""
     import transformers
-    from packaging.version import Version
 
     family = VLM_FAMILIES.get(name)
     if family is None:
         return None if name in FAMILIES else f"unknown family {name!r}"
-    if family.since and Version(transformers.__version__) < Version(family.since):
-        return f"{family.model} is new in transformers {family.since}; this is transformers {transformers.__version__}"
     missing = [
         cls for cls in (family.model, family.processor, family.image_processor) if not hasattr(transformers, cls)
     ]
