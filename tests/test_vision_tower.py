@@ -10,7 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.longrun.imageless import VisionTowerSync
-from vppo_trl.method.vision import freeze_vision_tower, vision_parts, vision_tower_parameters
+from vppo_trl.method.vision import check_vision_model, freeze_vision_tower, vision_parts, vision_tower_parameters
 from vppo_trl.testing import (
     COLOUR_QUESTION,
     FAMILIES,
@@ -81,6 +81,23 @@ def test_a_model_without_an_image_path_is_refused_with_the_reason():
         VisionTowerSync(Qwen2ForCausalLM(config), processor)
     with pytest.raises(ValueError, match=r"Cannot find the vision tower of Qwen2ForCausalLM \(qwen2\)"):
         freeze_vision_tower(Qwen2ForCausalLM(config))
+    model, _ = family_or_skip("qwen2_5_vl")
+    with pytest.raises(ValueError) as refused:
+        VisionTowerSync(model, BlindProcessor())
+    assert str(refused.value) == (
+        "Qwen2_5_VLForConditionalGeneration (qwen2_5_vl)'s processor cannot process a blank image (ValueError: no "
+        "images here), so a process whose batch has no image cannot keep in step under ZeRO-3 or FSDP: keep images "
+        "in every process's batch, or train without sharding."
+    )
+    with pytest.raises(ValueError, match="VPPOTrainer needs a processor with an image processor to perturb images, "):
+        check_vision_model(model, processor.tokenizer)
+
+
+class BlindProcessor:
+    image_token = "<image>"
+
+    def __call__(self, **kwargs):
+        raise ValueError("no images here")
 
 
 def length_reward(completions, **kwargs) -> list[float]:
