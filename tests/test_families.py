@@ -35,6 +35,16 @@ TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_
 ZERO_PROJECTOR = {"gemma3"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for these small models: on a shared 2-core machine two threads spin against each other (the
+    matrix took 5 minutes with two at a load of 8, 81 s with one); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def family_or_skip(name: str):
     reason = family_available(name)
     if reason:
