@@ -44,6 +44,7 @@ def optimizer_batch(args: VPPOConfig, num_gpus: int) -> int:
 def test_the_expected_recipes_exist():
     assert [path.name for path in RECIPE_FILES] == [
         "cpu_demo.yaml",
+        "gemma3_4b.yaml",
         "qwen2_5_vl_32b_paper.yaml",
         "qwen2_5_vl_3b_lora_single_gpu.yaml",
         "qwen2_5_vl_7b_paper.yaml",
@@ -66,7 +67,7 @@ def test_recipe_parses_completely(recipe):
         assert topic in header
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl_7b_paper", "qwen2_5_vl_32b_paper", "qwen3_vl_8b"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl_7b_paper", "qwen2_5_vl_32b_paper", "qwen3_vl_8b", "gemma3_4b"])
 def test_paper_recipes_follow_table_9(name):
     script_args, args, model_args = parse(RECIPES / f"{name}.yaml")
     # AdamW, lr 1e-6 constant, 2 epochs (the official 8B script: 130 steps), vision tower trained (full fine-tuning)
@@ -110,6 +111,26 @@ def test_7b_recipe():
     assert args.perturbation_patch_size == 14
     assert optimizer_batch(args, num_gpus=8) == PAPER_GLOBAL_BATCH_PROMPTS * G
     assert args.generation_batch_size // optimizer_batch(args, num_gpus=8) == 3
+
+
+def test_gemma3_recipe():
+    _, args, model_args = parse(RECIPES / "gemma3_4b.yaml")
+    assert model_args.model_name_or_path == "google/gemma-3-4b-it"
+    assert args.max_completion_length == 2048 and args.entropy_penalty_coef == 0.06  # the 7B recipe's values
+    assert not args.freeze_vision_tower  # the paper trains the tower
+    assert optimizer_batch(args, num_gpus=8) == PAPER_GLOBAL_BATCH_PROMPTS * G
+    assert args.generation_batch_size // optimizer_batch(args, num_gpus=8) == 3
+    # The 40 GB variant its header gives keeps the global batch
+    _, small = parse(RECIPES / "gemma3_4b.yaml", "--per_device_train_batch_size", "2",
+                     "--gradient_accumulation_steps", "64")[:2]  # fmt: skip
+    assert optimizer_batch(small, num_gpus=8) == PAPER_GLOBAL_BATCH_PROMPTS * G
+    header = "".join(takewhile(lambda line: line.startswith("#"), (RECIPES / "gemma3_4b.yaml").open()))
+    assert "--config_file recipes/accelerate/zero3.yaml" in header
+    # The sizes it quotes are those of the published config.json (checked there, not guessed)
+    text = " ".join(line.lstrip("# ") for line in header.splitlines())
+    for fact in ("34 layers, hidden size 2560", "vocabulary 262,208", "27 layers, hidden size 1152",
+                 "256 image tokens per image"):  # fmt: skip
+        assert fact in text, fact
 
 
 def test_32b_recipe():

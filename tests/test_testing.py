@@ -11,11 +11,14 @@ from vppo_trl.testing import (
     COLOURS,
     FAMILIES,
     SPECIAL_TOKENS,
+    VLM_FAMILIES,
     build_model,
     build_processor,
     build_tiny_vlm,
     build_tokenizer,
+    cached_family,
     colour_reward,
+    family_available,
     make_colour_dataset,
     make_shape_image,
     suppressed_token_ids,
@@ -340,3 +343,45 @@ def test_vppo_trl_tiny_refuses_an_empty_dataset(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["tiny", "--output-dir", str(tmp_path), "--num-rows", "0"])
     assert "--num-rows must be >= 1, got 0" in capsys.readouterr().err
+
+
+# --- every family ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(VLM_FAMILIES))
+def test_family_builds_with_its_real_classes_and_reloads_offline(family, tmp_path, monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if family_available(family):
+        pytest.skip(family_available(family))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = VLM_FAMILIES[family]
+    model, processor = cached_family(family)
+    assert (type(model).__name__, type(processor).__name__) == (spec.model, spec.processor)
+    assert type(processor.image_processor).__name__.startswith(spec.image_processor.removesuffix("Fast"))
+    tokenizer = processor.tokenizer
+    for attribute, token in spec.named_tokens.items():  # named special tokens are attributes, as in the real ones
+        assert getattr(tokenizer, attribute) == token
+        assert tokenizer.convert_tokens_to_ids(token) == getattr(tokenizer, f"{attribute}_id")
+    for token in (*spec.named_tokens.values(), *spec.special_tokens, spec.eos, spec.pad):
+        assert tokenizer.encode(token, add_special_tokens=False) == [tokenizer.convert_tokens_to_ids(token)], token
+    assert model.config.get_text_config().vocab_size >= len(tokenizer)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": COLOUR_QUESTION}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert COLOUR_QUESTION in text
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
+    assert type(reloaded) is type(processor)
+    image = make_shape_image("red", random.Random(0))
+    tokenizer.padding_side = reloaded.tokenizer.padding_side = "left"
+    first, again = (p(images=[[image]], text=[text], return_tensors="pt", padding=True) for p in (processor, reloaded))
+    assert "pixel_values" in again  # a processor without its image processor would act as a tokenizer
+    assert first.keys() == again.keys()
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    reloaded_model = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True)
+    assert type(reloaded_model) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded_model(**again).logits, model(**first).logits)

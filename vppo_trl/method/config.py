@@ -74,6 +74,11 @@ class VPPOConfig(GRPOConfig):
         entropy_penalty_coef (`float`, *optional*, defaults to `0.0`):
             Weight of the entropy penalty `-mean(log pi(y_t))` over all completion tokens (paper App. E). The paper
             uses 0.06 for 7B models and 0.12 for Qwen3-VL-8B.
+        freeze_vision_tower (`bool`, *optional*, defaults to `False`):
+            Train the language model and the projector only: the vision tower's weights (and any LoRA adapters in it)
+            are left as they are, for every model family (the tower is found from the model's structure; a model
+            whose tower cannot be found is refused when the trainer is built). The perturbed pass still runs the
+            frozen tower. The paper trains the tower.
         skip_zero_advantage (`bool`, *optional*, defaults to `True`):
             Whether to skip the perturbed forward pass for completions whose advantage is exactly 0: their loss cannot
             change. Results are identical either way.
@@ -183,6 +188,12 @@ class VPPOConfig(GRPOConfig):
     entropy_penalty_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of the entropy penalty -mean(log pi) over completion tokens (paper: 0.06 for 7B)."},
+    )
+    freeze_vision_tower: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the language model and the projector; the vision tower's weights stay as they are."
+        },
     )
     skip_zero_advantage: bool = field(
         default=True,

@@ -18,14 +18,16 @@ import torch
 import torch.nn.functional as F
 import trl
 from accelerate.utils import is_peft_model
+from PIL import Image
 from transformers.utils import logging
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .batch_rows import model_inputs, select_rows
 from .core import kl_token_dependency, token_dependency
-from .perturbations import PixelLayout, perturb_original_images, perturb_pixel_values
+from .perturbations import TEXT_KEYS, PixelLayout, perturb_original_images, perturb_pixel_values, process_images
 from .shared_state import SharedStateMixin
+from .vision import check_vision_model, family_name, freeze_vision_tower
 
 logger = logging.get_logger(__name__)
 
@@ -36,8 +38,6 @@ IMAGES_KEY = "vppo_images"
 COMPLETION_INDEX_KEY = "vppo_completion_index"
 # Batch key of the original-image entropies of TRL's old-log-prob pass, kept for the `entropy` token filter criterion.
 ENTROPIES_KEY = "vppo_original_entropies"
-# Image layouts the perturbation cannot rebuild (tiled or position-indexed pixels).
-UNSUPPORTED_PIXEL_KEYS = ("spatial_shapes", "num_tiles", "image_position_ids")
 # Logits (rows x positions x vocabulary) per chunk when the `kl` estimator projects hidden states onto the
 # vocabulary: 2**25 float32 values are 128 MiB per temporary, whatever the batch, length and vocabulary.
 KL_LOGITS_PER_CHUNK = 2**25
@@ -51,6 +51,13 @@ class VisualDependencyPassesMixin(SharedStateMixin):
         self._round_forwards: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         super().__init__(*args, **kwargs)
         self._warned_image_mismatch = False
+        # Everything a model family or setting could be refused for is checked here, before any model call.
+        model = self.accelerator.unwrap_model(self.model)
+        check_vision_model(model, self.processing_class)
+        self.shared.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
+        check_image_layout(model, self.processing_class, self.args.perturbation_space, self.shared.pixel_layout)
+        if self.args.freeze_vision_tower:
+            freeze_vision_tower(model)
 
     def _generate_and_score_round(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         # The `entropy` criterion reads the original-image entropies of TRL's old-log-prob pass when it runs, so that
@@ -103,12 +110,6 @@ class VisualDependencyPassesMixin(SharedStateMixin):
 
         Only the images of `rows` are perturbed, each completion's with its own draw (see [`perturbation_seeds`]).
         """
-        unsupported = [key for key in UNSUPPORTED_PIXEL_KEYS if key in batch]
-        if unsupported:
-            raise ValueError(
-                f"VPPO cannot perturb this model's images: its processor returns {unsupported}. Supported layouts are "
-                "Qwen-VL patch rows (`image_grid_thw`) and plain [N, C, H, W] `pixel_values`."
-            )
         measured_rows = rows
         if self.shared.forward_passes_must_match:
             # Pad with repeats so that every process runs as many forward passes; the repeats are discarded.
@@ -167,9 +168,7 @@ class VisualDependencyPassesMixin(SharedStateMixin):
         seeds = perturbation_seeds(
             self.args.seed, self.shared.perturbation_round, self.accelerator.process_index, completions, num_images
         )
-        return perturb_batch_images(
-            batch, self.args, self.shared.pixel_layout, self.processing_class.image_processor, seeds
-        )
+        return perturb_batch_images(batch, self.args, self.shared.pixel_layout, self.processing_class, seeds)
 
     @staticmethod
     def _select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict:
@@ -261,16 +260,19 @@ def perturbation_seeds(
 
 
 def perturb_batch_images(
-    batch: dict[str, Any], settings: Any, layout: PixelLayout, image_processor: Any, seeds: Sequence[int]
+    batch: dict[str, Any], settings: Any, layout: PixelLayout, processor: Any, seeds: Sequence[int]
 ) -> torch.Tensor:
     """
     `batch["pixel_values"]` with every image perturbed, image `i` with a generator seeded by `seeds[i]`.
 
-    On the images as the data delivered them when the batch carries them (`IMAGES_KEY`), else on the processed pixels.
-    `settings` has [`VPPOConfig`]'s perturbation fields (`perturbation`, `perturbation_patch_size`, ...).
+    On the images as the data delivered them when the batch carries them (`IMAGES_KEY`): perturbed there, then
+    processed again by `processor` called as GRPOTrainer calls it ([`process_images`]), so that every tile or crop it
+    cuts from an image carries that image's perturbation; the result must have the batch's token layout (every other
+    image tensor equal, `pixel_values` of the same shape), or a `RuntimeError` says what differs. Otherwise on the
+    processed pixels, each tile with the draw of its image ([`entry_images`]). `processor` is the model's processor
+    (for Qwen-VL patch rows its image processor also does). `settings` has [`VPPOConfig`]'s perturbation fields.
     """
     pixel_values = batch["pixel_values"]
-    generators = [torch.Generator(device=pixel_values.device).manual_seed(seed) for seed in seeds]
     kwargs = {
         "patch_size": settings.perturbation_patch_size,
         "prob": settings.perturbation_prob,
@@ -279,21 +281,124 @@ def perturb_batch_images(
     }
     grid = batch.get("image_grid_thw")
     if IMAGES_KEY not in batch:
+        owners = entry_images(batch)
+        generators = [
+            torch.Generator(device=pixel_values.device).manual_seed(seeds[owner] if owner is not None else 0)
+            for owner in owners
+        ]
         return perturb_pixel_values(
-            pixel_values, layout, settings.perturbation, generators, image_grid_thw=grid, **kwargs
-        )
-    images = [image for row in batch[IMAGES_KEY] for image in row]
+            pixel_values, layout, settings.perturbation, generators, image_grid_thw=grid,
+            spatial_shapes=batch.get("spatial_shapes"), image_position_ids=batch.get("image_position_ids"), **kwargs,
+        )  # fmt: skip
+    generators = [torch.Generator(device=pixel_values.device).manual_seed(seed) for seed in seeds]
+    per_sample = batch[IMAGES_KEY]
+    images = [image for row in per_sample for image in row]
+    samples = [len(row) for row in per_sample]
     processed = perturb_original_images(
-        images, image_processor, settings.perturbation, generators, pixel_values.device, **kwargs
+        images, processor, settings.perturbation, generators, pixel_values.device, samples=samples, **kwargs
     )
-    if processed["pixel_values"].shape != pixel_values.shape or (
-        grid is not None and not torch.equal(processed["image_grid_thw"].to(grid.device), grid)
-    ):
-        raise RuntimeError(
-            "The perturbed images do not have the original batch's token layout (the processor was called with "
-            "other settings for the batch?); set perturbation_space='pixel_values'."
-        )
+    check_same_layout(processed, batch)
     return processed["pixel_values"].to(pixel_values.dtype)
+
+
+def check_same_layout(processed: dict[str, Any], batch: dict[str, Any]) -> None:
+    """Raise a `RuntimeError` naming what differs when `processed` images do not have `batch`'s token layout."""
+    differences = []
+    if tuple(processed["pixel_values"].shape) != tuple(batch["pixel_values"].shape):
+        differences.append(
+            f"pixel_values of shape {tuple(processed['pixel_values'].shape)} instead of "
+            f"{tuple(batch['pixel_values'].shape)}"
+        )
+    for key, value in processed.items():
+        if key == "pixel_values" or key in TEXT_KEYS or key not in batch:
+            continue
+        original = batch[key]
+        if isinstance(value, torch.Tensor) and isinstance(original, torch.Tensor):
+            same = value.shape == original.shape and torch.equal(value.to(original.device), original)
+        else:
+            same = value == original
+        if not same:
+            differences.append(f"another {key}")
+    if differences:
+        raise RuntimeError(
+            "The perturbed images do not have the original batch's token layout: processing them again gave "
+            f"{' and '.join(differences)}. Was the processor called with other settings for the batch (a "
+            "processor changed after the trainer was built)? Set perturbation_space='pixel_values' to perturb the "
+            "processed pixels instead."
+        )
+
+
+def entry_images(batch: dict[str, Any]) -> list[int | None]:
+    """
+    For each image, tile or patch sequence of `batch["pixel_values"]` (in [`PixelLayout.to_images`]'s order), the
+    index of the image (in batch order) whose perturbation draw it takes, `None` for padding of an image-less row.
+
+    Tiles of one image share its draw. Where tiles are grouped per prompt rather than per image (Idefics3 and SmolVLM
+    `[prompts, tiles, C, H, W]`, InternVL and LFM2-VL with `num_tiles`), a prompt's tiles share the draw of its first
+    image. Raises `ValueError` when the layout says nothing of which image an entry belongs to.
+    """
+    pixel_values = batch["pixel_values"]
+    rows = batch["prompt_ids"].size(0) if "prompt_ids" in batch else len(batch.get("num_images") or [1])
+    num_images = list(batch.get("num_images") or [1] * rows)
+    first = [sum(num_images[:row]) for row in range(len(num_images))]
+    total = sum(num_images)
+    if (
+        "image_grid_thw" in batch
+        or "image_position_ids" in batch
+        or "spatial_shapes" in batch
+        and not batch.get("num_tiles")
+    ):
+        return list(range(total))
+    tiles = pixel_values.size(1) if pixel_values.ndim == 5 else 1
+    if batch.get("num_tiles") is not None:
+        counts = list(batch["num_tiles"])
+    elif pixel_values.size(0) == total:
+        return [image for image in range(total) for _ in range(tiles)]
+    elif pixel_values.size(0) == len(num_images):
+        counts = [1] * len(num_images)
+    else:
+        raise ValueError(
+            f"pixel_values of shape {tuple(pixel_values.shape)} hold neither one entry per image ({total}) nor one "
+            f"per prompt ({len(num_images)}), and no num_tiles says which image each tile belongs to."
+        )
+    return [first[row] if num_images[row] else None for row, count in enumerate(counts) for _ in range(count * tiles)]
+
+
+def check_image_layout(model: torch.nn.Module, processor: Any, space: str, layout: PixelLayout) -> None:
+    """
+    Refuse, when the trainer is built, a model whose images VPPO cannot perturb in `space`, naming the family, the
+    reason and the space that works: its processor is tried on a probe image, as the perturbed pass will use it.
+    """
+    family = family_name(model)
+    probe = Image.new("RGB", (40, 30), (200, 120, 40))
+    try:
+        processed = process_images(processor, [[probe]])
+        problem = None if "pixel_values" in processed else "its processor returns no pixel_values"
+    except Exception as error:  # any failure of the processor is the reason given
+        processed, problem = None, f"its processor cannot process images alone ({type(error).__name__}: {error})"
+    if space == "original_image":
+        if problem:
+            raise ValueError(
+                f"VPPO cannot perturb the images of {family} as the data delivers them: {problem}. "
+                "Set perturbation_space='pixel_values' to perturb the processed pixels instead."
+            )
+        return
+    if problem:
+        return  # the layout shows itself in the first batch only; the processed pixels need no processing again
+    try:
+        batch = {**processed, "num_images": [1]}
+        tiles = processed["pixel_values"].size(0)
+        if tiles > 1 and "image_grid_thw" not in processed and "image_position_ids" not in processed:
+            batch["num_tiles"] = [tiles]  # several tiles for one image: as GRPOTrainer counts them
+        entry_images(batch)
+        grids = {key: processed.get(key) for key in ("spatial_shapes", "image_position_ids")}
+        images = layout.to_images(processed["pixel_values"], processed.get("image_grid_thw"), **grids)
+        layout.to_pixel_values(images, processed["pixel_values"], **grids)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"VPPO cannot perturb the processed pixel_values of {family}: they do not map back to images ({error}). "
+            "Use perturbation_space='original_image' (the default) to perturb the images as the data delivers them."
+        ) from error
 
 
 def completion_hidden_states(
@@ -362,22 +467,6 @@ def old_logps_entropies(
         "old-log-prob pass does. VPPO's entropy token filter reads that pass's entropies and stops rather than use "
         "another's. Install a trl this vppo-trl supports (setup.cfg: trl>=1.16,<1.17)."
     )
-
-
-def check_vision_model(model: torch.nn.Module, processing_class: Any) -> None:
-    """Refuse a model without a vision tower, or a processor without an image processor: nothing to perturb."""
-    if is_peft_model(model):
-        model = model.get_base_model()
-    if getattr(model.config, "vision_config", None) is None:
-        raise ValueError(
-            f"VPPOTrainer needs a vision-language model, but {type(model).__name__} "
-            f"({get_config_model_id(model.config)}) has no vision tower (its config has no `vision_config`)."
-        )
-    if getattr(processing_class, "image_processor", None) is None:
-        raise ValueError(
-            f"VPPOTrainer needs a processor with an image processor to perturb images, got "
-            f"{type(processing_class).__name__}. Pass the model's processor as `processing_class`."
-        )
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -22,6 +23,8 @@ from torchvision.transforms.v2 import functional as F
 from transformers.image_transforms import convert_to_rgb
 
 SOLID_GREY = 128.0
+# What a processor returns besides the images' own tensors (the tokenizer's part).
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
 
 # One generator for every image, drawn from in image order, or one generator per image (its own draw).
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -95,10 +98,14 @@ class PixelLayout:
     """
     How a processor encodes images in `pixel_values`, and the inverse.
 
-    Two layouts are supported:
-    - Qwen-VL patch rows (`image_grid_thw` present): each image is `t * h * w` rows of `C * T * P * P` values, rows
-      ordered by merge window (`merge_size` x `merge_size` patches), each patch repeated `T` times in time.
-    - plain image tensors `[N, C, H, W]` (LLaVA-style processors).
+    Supported layouts, read from the batch's keys and `pixel_values`' shape:
+    - patch rows (`image_grid_thw`: Qwen-VL, GLM-4.1V): each image is `t * h * w` rows of `C * T * P * P` values,
+      ordered by merge window (`merge_size` x `merge_size` patches), each patch repeated `T` times in time;
+    - image tensors `[N, C, H, W]`, one per image or per tile (LLaVA, Gemma 3, Mistral 3, PaliGemma, InternVL's tiles);
+    - tiled image tensors `[N, T, C, H, W]` (LLaVA-NeXT and OneVision: per image; Idefics3 and SmolVLM: per prompt);
+    - padded patch sequences `[N, P, p * p * C]`, patches row by row, with each row's grid in `spatial_shapes`
+      (`[N, 2]` patches high and wide: LFM2-VL) or in `image_position_ids` (`[N, P, 2]` x and y, -1 for padding:
+      Gemma 4); the padding is left as it is.
     Values are normalised: `(x * rescale_factor - mean) / std`.
     """
 
@@ -115,6 +122,8 @@ class PixelLayout:
         mean = image_processor.image_mean if getattr(image_processor, "do_normalize", True) else (0.0, 0.0, 0.0)
         std = image_processor.image_std if getattr(image_processor, "do_normalize", True) else (1.0, 1.0, 1.0)
         rescale = image_processor.rescale_factor if getattr(image_processor, "do_rescale", True) else 1.0
+        if isinstance(mean, int | float):
+            mean, std = [mean] * 3, [std] * 3
         return cls(
             mean=tuple(float(m) for m in mean),
             std=tuple(float(s) for s in std),
@@ -131,16 +140,53 @@ class PixelLayout:
         std = torch.tensor(self.std, device=reference.device, dtype=torch.float32).view(shape)
         return mean, std
 
-    def to_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Turn `pixel_values` into a list of float32 images `[C, H, W]` in 0-255 (one per image)."""
-        if image_grid_thw is None:
-            if pixel_values.ndim != 4:
-                raise ValueError(
-                    f"pixel_values of shape {tuple(pixel_values.shape)} without image_grid_thw is not a supported "
-                    "image layout (expected [N, C, H, W])."
-                )
-            mean, std = self._normalisation(pixel_values, 1, 4)
-            return list((pixel_values.float() * std + mean) / self.rescale_factor)
+    def _patch_grids(
+        self, pixel_values: torch.Tensor, spatial_shapes: torch.Tensor | None, image_position_ids: torch.Tensor | None
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """Patch side and (patches high, patches wide) of each row of a padded patch-sequence layout."""
+        channels = len(self.mean)
+        side = math.isqrt(pixel_values.size(-1) // channels)
+        if side * side * channels != pixel_values.size(-1):
+            raise ValueError(f"patches of {pixel_values.size(-1)} values are not square {channels}-channel patches")
+        if spatial_shapes is not None:
+            return side, [tuple(shape) for shape in spatial_shapes.tolist()]
+        grids = []
+        for positions in image_position_ids:
+            valid = positions[positions[:, 0] >= 0]
+            grids.append((int(valid[:, 1].max()) + 1, int(valid[:, 0].max()) + 1))
+        return side, grids
+
+    def to_images(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor | None = None,
+        *,
+        spatial_shapes: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Turn `pixel_values` into a list of float32 images `[C, H, W]` in 0-255 (one per image, tile or row)."""
+        if image_grid_thw is not None:
+            return self._patch_rows_to_images(pixel_values, image_grid_thw)
+        if pixel_values.ndim == 3 and (spatial_shapes is not None or image_position_ids is not None):
+            side, grids = self._patch_grids(pixel_values, spatial_shapes, image_position_ids)
+            images = []
+            for row, (height, width) in zip(pixel_values, grids, strict=True):
+                patches = row[: height * width].float().view(height, width, side, side, -1)
+                image = patches.permute(4, 0, 2, 1, 3).reshape(-1, height * side, width * side)
+                mean, std = self._normalisation(image, 0, 3)
+                images.append((image * std + mean) / self.rescale_factor)
+            return images
+        if pixel_values.ndim not in (4, 5):
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} is not a supported image layout (expected Qwen-VL "
+                "patch rows with image_grid_thw, [N, C, H, W], [N, tiles, C, H, W], or patch sequences with "
+                "spatial_shapes or image_position_ids)."
+            )
+        flat = pixel_values.flatten(0, pixel_values.ndim - 4)
+        mean, std = self._normalisation(flat, 1, 4)
+        return list((flat.float() * std + mean) / self.rescale_factor)
+
+    def _patch_rows_to_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
         channels = len(self.mean)
         patch, temporal, merge = self.patch_size, self.temporal_patch_size, self.merge_size
         images = []
@@ -158,12 +204,28 @@ class PixelLayout:
             images.append((image * std + mean) / self.rescale_factor)
         return images
 
-    def to_pixel_values(self, images: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        """Inverse of [`to_images`]: encode 0-255 images back into the layout and dtype of `like`."""
-        if like.ndim == 4:
+    def to_pixel_values(
+        self,
+        images: list[torch.Tensor],
+        like: torch.Tensor,
+        *,
+        spatial_shapes: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Inverse of [`to_images`]: encode 0-255 images back into the layout, shape and dtype of `like`."""
+        if like.ndim == 3 and (spatial_shapes is not None or image_position_ids is not None):
+            side, grids = self._patch_grids(like, spatial_shapes, image_position_ids)
+            encoded = like.clone()
+            for index, (image, (height, width)) in enumerate(zip(images, grids, strict=True)):
+                mean, std = self._normalisation(image, 0, 3)
+                normalised = (image * self.rescale_factor - mean) / std
+                patches = normalised.view(-1, height, side, width, side).permute(1, 3, 2, 4, 0)
+                encoded[index, : height * width] = patches.reshape(height * width, -1).to(like.dtype)
+            return encoded
+        if like.ndim in (4, 5):
             stacked = torch.stack(images)
             mean, std = self._normalisation(stacked, 1, 4)
-            return ((stacked * self.rescale_factor - mean) / std).to(like.dtype)
+            return ((stacked * self.rescale_factor - mean) / std).to(like.dtype).view(like.shape)
         channels = len(self.mean)
         patch, temporal, merge = self.patch_size, self.temporal_patch_size, self.merge_size
         all_rows = []
@@ -184,30 +246,48 @@ def perturb_pixel_values(
     kind: str,
     generator: Generators = None,
     image_grid_thw: torch.Tensor | None = None,
+    *,
+    spatial_shapes: torch.Tensor | None = None,
+    image_position_ids: torch.Tensor | None = None,
     **perturbation_kwargs,
 ) -> torch.Tensor:
     """
     Perturb processed `pixel_values` in image space and return them in the same layout, shape and dtype.
 
-    Images of the same size are perturbed together, so a batch of copies of one image (one per completion) costs a
-    single batched operation. Blackening patches of the processor's own patch size is done directly on the patch rows
-    (one row is one patch), with no reshaping and no host-device synchronisation.
+    The images are those of [`PixelLayout.to_images`] (one per image, tile or patch sequence; with one generator per
+    image, one per entry there). Tiles whose values are all exactly 0 are padding (Idefics3 and LLaVA-NeXT pad with
+    them, and Idefics3 finds its real images by them): they are left as they are. Images of the same size are
+    perturbed together, so a batch of copies of one image (one per completion) costs a single batched operation.
+    Blackening patches of the processor's own patch size is done directly on Qwen-VL's patch rows (one row is one
+    patch), with no reshaping and no host-device synchronisation.
     """
     patch_size = perturbation_kwargs.get("patch_size", layout.patch_size)
     if kind == "patch_blackening" and image_grid_thw is not None and patch_size == layout.patch_size:
         prob, rows_per_image = perturbation_kwargs.get("prob", 0.5), image_grid_thw.prod(-1).tolist()
         return blacken_patch_rows(pixel_values, layout, prob, generator, rows_per_image)
-    images = layout.to_images(pixel_values, image_grid_thw)
-    perturbed: list[torch.Tensor | None] = [None] * len(images)
+    grids = {"spatial_shapes": spatial_shapes, "image_position_ids": image_position_ids}
+    images = layout.to_images(pixel_values, image_grid_thw, **grids)
+    perturbed: list[torch.Tensor | None] = list(images)
+    padding = set()
+    if pixel_values.ndim in (4, 5):
+        tiles = pixel_values.flatten(0, pixel_values.ndim - 4)
+        padding = set((tiles == 0).flatten(1).all(-1).nonzero().squeeze(-1).tolist())
     by_size: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):
-        by_size.setdefault(tuple(image.shape), []).append(index)
+        if index not in padding:
+            by_size.setdefault(tuple(image.shape), []).append(index)
+    if not (generator is None or isinstance(generator, torch.Generator)) and len(generator) != len(images):
+        raise ValueError(f"Got {len(generator)} generators for {len(images)} images: give one per image.")
     for indices in by_size.values():
         batch = torch.stack([images[i] for i in indices])
         batch = perturb_images(batch, kind, _subset(generator, indices), **perturbation_kwargs)
         for i, image in zip(indices, batch, strict=True):
             perturbed[i] = image
-    return layout.to_pixel_values(perturbed, like=pixel_values)
+    encoded = layout.to_pixel_values(perturbed, like=pixel_values, **grids)
+    if padding:  # exactly as they were (the round trip through 0-255 is not exact in floating point)
+        tiles = encoded.flatten(0, encoded.ndim - 4)
+        tiles[sorted(padding)] = 0
+    return encoded
 
 
 def blacken_patch_rows(
@@ -266,10 +346,11 @@ def image_tensor(image: PIL.Image.Image, image_processor) -> torch.Tensor:
 
 def perturb_original_images(
     images: Sequence[PIL.Image.Image],
-    image_processor,
+    processor,
     kind: str,
     generator: Generators = None,
     device: torch.device | str | None = None,
+    samples: Sequence[int] | None = None,
     **perturbation_kwargs,
 ) -> dict[str, torch.Tensor]:
     """
@@ -279,18 +360,22 @@ def perturb_original_images(
     resize), done on `device`: each group of same-size images is uploaded once as uint8, perturbed there, brought back
     to 8-bit values as the official PIL images are (noise truncated, like its `astype(np.uint8)`; blur rounded, like
     PIL's filter), and handed to the (torchvision) image processor on the same device. A perturbed image has its
-    original's size, so the processor gives it the same resize and token grid.
+    original's size, so the processor gives it the same resize and token grid, and every tile or crop it cuts from the
+    image carries the image's perturbation.
 
     Args:
         images: the images in batch order (every image of every completion, each completion's in order).
-        image_processor: the processor's image processor (its defaults are those it applied to the originals).
+        processor: the model's processor, called as GRPOTrainer calls it (one list of images per sample: see
+            `vppo_trl.method.passes.process_images`), or an image processor, called on the images directly.
         kind, generator, perturbation_kwargs: as in [`perturb_images`]; each image gets its own draw (from its own
             generator when one per image is given).
         device: where the work is done (where the model's inputs are).
+        samples: with a processor, how many of `images` each sample holds (default: all in one sample).
 
     Returns:
-        The image processor's output (`pixel_values`, and `image_grid_thw` for Qwen-VL processors).
+        The processor's image tensors (`pixel_values`, and what else its layout has: `image_grid_thw`, ...).
     """
+    image_processor = getattr(processor, "image_processor", processor)
     by_size: dict[tuple[int, ...], list[int]] = {}
     tensors = [image_tensor(image, image_processor) for image in images]
     for index, tensor in enumerate(tensors):
@@ -304,7 +389,33 @@ def perturb_original_images(
         batch = batch.clamp(0.0, 255.0).to(torch.uint8)
         for i, image in zip(indices, batch, strict=True):
             perturbed[i] = image
+    if processor is not image_processor:
+        counts = list(samples) if samples is not None else [len(perturbed)]
+        starts = [sum(counts[:index]) for index in range(len(counts))]
+        per_sample = [perturbed[start : start + count] for start, count in zip(starts, counts, strict=True)]
+        return process_images(processor, per_sample, device)
     # Channels first, said explicitly: transformers < 5.18 guesses the layout of a small tensor wrong.
     return dict(
         image_processor(images=perturbed, return_tensors="pt", device=device, input_data_format="channels_first")
     )
+
+
+def process_images(processor: Any, images_per_sample: Sequence[Sequence[Any]], device: Any = None) -> dict:
+    """
+    `processor`'s image tensors for `images_per_sample`, called as GRPOTrainer calls it: one list of images per
+    sample, `padding=True`, the processor's own image settings (tiling, crops, sizes). The text is each sample's image
+    placeholders only (the image tensors do not depend on the rest of it), and what the tokenizer returns is dropped.
+    Images are PIL images or `[C, H, W]` uint8 tensors.
+    """
+    texts = [processor.image_token * len(images) for images in images_per_sample]
+    tensors = any(isinstance(image, torch.Tensor) for images in images_per_sample for image in images)
+    output = processor(
+        images=[list(images) for images in images_per_sample],
+        text=texts,
+        padding=True,
+        return_tensors="pt",
+        device=device,
+        # Channels first, said explicitly: transformers < 5.18 guesses the layout of a small tensor wrong.
+        **({"input_data_format": "channels_first"} if tensors else {}),
+    )
+    return {key: value for key, value in output.items() if key not in TEXT_KEYS}

@@ -46,8 +46,8 @@ class SharedState:
     by the passes and the trainer."""
 
     pixel_layout: PixelLayout | None = None
-    """How the processor lays images out in `pixel_values`. Written by VPPOTrainer once it has checked the model;
-    read by the passes and the spotlight callback."""
+    """How the processor lays images out in `pixel_values`. Written by `VisualDependencyPassesMixin` once it has
+    checked the model; read by the passes and the spotlight callback."""
 
     perturbation_round: int = 0
     """Generation batches measured so far: part of each perturbation's seed. Written by VPPOTrainer (one per

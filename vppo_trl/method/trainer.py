@@ -21,8 +21,7 @@ from ..longrun.resume import ExactResumeMixin
 from .config import VPPOConfig
 from .core import TOKEN_SUM_LOSS_TYPES, entropy_penalty, token_dependency
 from .model_card import append_vppo_section
-from .passes import VisualDependencyPassesMixin, check_vision_model
-from .perturbations import PixelLayout
+from .passes import VisualDependencyPassesMixin
 from .shaping import ShapingSettings, shape_advantages
 
 logger = logging.get_logger(__name__)
@@ -80,14 +79,12 @@ class VPPOTrainer(
         elif not isinstance(args, VPPOConfig):
             raise TypeError(f"args must be a VPPOConfig, got {type(args).__name__}.")
         super().__init__(model, reward_funcs, args=args, **kwargs)
-        check_vision_model(self.accelerator.unwrap_model(self.model), self.processing_class)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if tokenizer.padding_side != "left":
             # GRPOTrainer left-pads prompts; a right-padding processor would misalign `mm_token_type_ids` with them
             # whenever prompts of one batch differ in length (TRL sets "left" only when it loads the processor).
             logger.info("Setting the processor's padding_side to 'left', as GRPOTrainer's prompt layout requires.")
             tokenizer.padding_side = "left"
-        self.shared.pixel_layout = PixelLayout.from_image_processor(self.processing_class.image_processor)
         self._loss_forward: LossForward | None = None  # the loss being computed, while `_compute_loss` runs
         self._warned_without_images = False
         if args.spotlight_steps > 0:

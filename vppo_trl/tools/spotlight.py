@@ -269,7 +269,7 @@ def _perturbed_inputs(inputs: dict, processor, settings, seed: int, draw: int, c
     batch = inputs if settings.perturbation_space == "original_image" else {**inputs, IMAGES_KEY: None}
     batch = {key: value for key, value in batch.items() if value is not None}
     layout = PixelLayout.from_image_processor(processor.image_processor)
-    pixels = perturb_batch_images(batch, settings, layout, processor.image_processor, seeds)
+    pixels = perturb_batch_images(batch, settings, layout, processor, seeds)
     return {**inputs, "pixel_values": pixels}
 
 
