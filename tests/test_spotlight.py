@@ -16,6 +16,7 @@ from vppo_trl.testing import (
     COLOUR_QUESTION,
     COLOURS,
     build_tiny_vlm,
+    cached_family,
     colour_reward,
     make_colour_dataset,
     make_shape_image,
@@ -357,3 +358,16 @@ def test_perturbs_in_the_trainers_space_by_default():
     # The processed-pixels route blackens whole patches.
     rows = patch_blackness("pixel_values")
     assert set(np.unique(rows)) <= {0.0, 1.0} and (rows == 1).any()
+
+
+@pytest.mark.parametrize(("family", "space"), [("idefics3", "original_image"), ("lfm2_vl", "pixel_values")])
+def test_measures_tiled_and_patch_sequence_families(family, space):
+    """The spotlight perturbs through the model's own processor, as training does: a tiling family (Idefics3 cuts
+    each image into tiles) and a patch-sequence family (LFM2-VL) measure a dependency on the image."""
+    model, processor = cached_family(family)
+    image = make_shape_image("red", random.Random(0))
+    perception = token_perception(
+        model, processor, COLOUR_QUESTION, [image], completion="The shape is red.", perturbation_space=space
+    )
+    assert len(perception.dependency) == len(perception.tokens) > 0
+    assert max(perception.dependency) > 0
