@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
+from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
 
 NAN_STEP = 2
 NAN_RANK = 1
@@ -90,3 +90,4 @@ def main(output_path: str, overrides: dict) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+    exit_cleanly()
