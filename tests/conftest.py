@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from warm_python import WarmPython
+from processes import WarmPython
 
 
 @pytest.fixture(scope="session")
 def warm_python():
     """Start `python ...` commands (scripts to SIGKILL, benchmarks run as their command line) in processes forked from
-    one that imported torch, transformers, TRL and vppo_trl once for the session (tests/warm_python.py)."""
+    one that imported torch, transformers, TRL and vppo_trl once for the session (tests/processes.py)."""
     warm = WarmPython()
     yield warm
     warm.close()

@@ -5,44 +5,17 @@ far more (interpreters, imports, process groups) than two tiny training steps.""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port  # noqa: F401 - also imported from here
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_process_vppo.py"
 GLOO_EXIT_SCRIPT = Path(__file__).parent / "scripts" / "gloo_exit.py"
 TEXT_ONLY_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # Qwen3-VL also feeds vision features to decoder layers
-
-ZERO3_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config:
-  zero_stage: 3
-  offload_optimizer_device: none
-  offload_param_device: none
-  zero3_init_flag: false
-  zero3_save_16bit_model: true
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-use_cpu: true
-"""
-
-
-# DeepSpeed compiles its CPU op once per folder (about a minute): share one folder between tests and runs.
-TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
-    Path.home() / ".cache" / "vppo-trl-torch-extensions"
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(folder: Path, launch_args: list[str], jobs: list[dict]) -> dict[str, list[dict]]:

@@ -2,7 +2,7 @@
 
 The kill tests run real processes (`tests/scripts/resumable_run.py`) and SIGKILL them right after (or while) a
 checkpoint is written; a resumed run must end with exactly the weights of the same run never interrupted. Single
-processes start from the warm interpreter (tests/warm_python.py), two-process runs under `accelerate launch`; a
+processes start from the warm interpreter (tests/processes.py), two-process runs under `accelerate launch`; a
 configuration's uninterrupted run is shared by the tests that kill it at different moments.
 """
 
@@ -19,8 +19,8 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
+from processes import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from safetensors.torch import load_file
-from test_multiprocess import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from test_trainer import final_parameters, length_reward, make_trainer, vppo_args
 
 import vppo_trl.method.trainer as trainer_module

@@ -1,4 +1,5 @@
-"""Python commands started from an interpreter that has already imported torch, transformers, TRL and vppo_trl.
+"""What the tests that start processes share: DeepSpeed's op folder, a free port, the ZeRO-3 CPU config, and Python
+commands started from an interpreter that has already imported torch, transformers, TRL and vppo_trl.
 
 A tiny training run takes a few seconds; the interpreter it runs in spends 7-25 s (by the machine's load) importing
 its libraries first. The tests that must run a script in its own process (to SIGKILL it, to run a benchmark as its
@@ -13,8 +14,36 @@ from __future__ import annotations
 import multiprocessing
 import os
 import runpy
+import socket
 import sys
 from pathlib import Path
+
+# DeepSpeed compiles its CPU op once per folder (about a minute): share one folder between tests and runs.
+TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+    Path.home() / ".cache" / "vppo-trl-torch-extensions"
+)
+
+ZERO3_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+  offload_optimizer_device: none
+  offload_param_device: none
+  zero3_init_flag: false
+  zero3_save_16bit_model: true
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: true
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 # Imported once by the fork server: what the scripts and benchmarks started here import.
 PRELOADED = ("torch", "transformers", "trl", "peft", "datasets", "vppo_trl.method.trainer", "vppo_trl.testing")
