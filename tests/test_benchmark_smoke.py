@@ -89,6 +89,7 @@ def test_both_trainers_ran_every_step_from_the_same_weights(result):
     assert result["skipped_fraction"] == 0.0
 
 
+@pytest.mark.transformers_independent
 def test_uniform_prompt_share_is_exact_per_run_of_prompts(monkeypatch):
     uniform_prompt = load("workload", monkeypatch).uniform_prompt
     for share in (0.0, 0.25, 0.5, 1.0):

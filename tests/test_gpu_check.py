@@ -79,6 +79,7 @@ def test_real_architectures_have_the_checkpoints_parameter_counts(monkeypatch):
     assert shallow.vision_config.deepstack_visual_indexes == [8]
 
 
+@pytest.mark.transformers_independent
 def test_a_budget_shortens_the_parts_down_to_their_minimum(monkeypatch):
     settings = load("settings", monkeypatch)
     plan = settings.PartPlan(steps=4, setup_s=10.0, step_s=5.0)

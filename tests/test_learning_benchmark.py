@@ -72,18 +72,21 @@ def test_smoke_writes_every_run_summary_table_and_plot(smoke):
         image.verify()
 
 
+@pytest.mark.transformers_independent
 def test_first_colour_reward_ignores_fillers():
     reward = load_benchmark().first_colour_reward
     completions = [[{"role": "assistant", "content": text}] for text in ("so the is now red", "yes blue red", "okay")]
     assert reward(completions, answer=["red", "red", "red"]) == [1.0, 0.0, 0.0]
 
 
+@pytest.mark.transformers_independent
 def test_steps_to_threshold_reads_the_moving_average():
     benchmark = load_benchmark()
     assert benchmark.steps_to_threshold([0.0, 1.0, 1.0, 1.0], window=2, threshold=0.75) == 3
     assert benchmark.steps_to_threshold([0.0, 0.5], window=2, threshold=0.75) is None
 
 
+@pytest.mark.transformers_independent
 def test_paired_bootstrap_of_per_seed_differences():
     benchmark = load_benchmark()
     constant = benchmark.paired_bootstrap([0.1, 0.1, 0.1])
@@ -95,6 +98,7 @@ def test_paired_bootstrap_of_per_seed_differences():
     assert (mixed["wins"], mixed["losses"], mixed["seeds"]) == (3, 1, 5)
 
 
+@pytest.mark.transformers_independent
 def test_paired_differences_pair_runs_by_seed():
     benchmark = load_benchmark()
 
@@ -108,6 +112,7 @@ def test_paired_differences_pair_runs_by_seed():
     assert paired["colour"]["vppo_guard - grpo"]["differences"] == [0.25, 0.25]
 
 
+@pytest.mark.transformers_independent
 def test_colour_kept_is_read_where_the_guard_statistic_reaches_full():
     benchmark = load_benchmark()
     log = [
