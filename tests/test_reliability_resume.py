@@ -171,7 +171,7 @@ def test_kill_while_saving_resumes_from_the_newest_complete_checkpoint(tmp_path,
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_restores_every_weight(tmp_path, family, lora):
+def test_resume_restores_every_weight(tmp_path, tiny_vlm, family, lora):
     """A run resumed at its last checkpoint trains no step: its weights must be the checkpoint's, every tensor."""
     peft = None
     if lora:
@@ -181,7 +181,7 @@ def test_resume_restores_every_weight(tmp_path, family, lora):
         peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
 
     def trainer(max_steps):
-        model, processor = build_tiny_vlm(family, extra_words=COLOURS)
+        model, processor = tiny_vlm(family, extra_words=COLOURS)  # the same initial weights, built once
         return VPPOTrainer(
             model=model,
             reward_funcs=length_reward,
