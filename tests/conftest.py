@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ TRANSFORMERS_INDEPENDENT_MODULES = ("test_core.py", "test_metrics.py", "test_rew
 
 
 def pytest_configure(config):
+    # Every process a test starts compiles DeepSpeed's CPU op into the same folder: once per machine, not per test.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR)
     config.addinivalue_line(
         "markers",
         "transformers_independent: checks only vppo_trl's own computations (no processor, model class, generation, "
