@@ -114,6 +114,8 @@ def test_a_script_ends_cleanly_while_gloo_workers_still_hold_tensors():
     """The once-seen SIGABRT after a two-process run had finished: gloo's worker threads, kept alive by a reference
     to their process group, released tensors while the interpreter finalised. `exit_cleanly` ends the process first.
     (Ended the old way, the same script aborts in about half the launches: tests/scripts/gloo_exit.py.)"""
+    # Fresh interpreters, not the warm ones: the abort happens in the interpreter's finalisation, which the fork
+    # server's children never run.
     port = str(free_port())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
     ranks = [
