@@ -6,7 +6,8 @@ its libraries first. The tests that must run a script in its own process (to SIG
 command line does) start it here instead: a child forked from multiprocessing's fork server, which imported those
 libraries once for the session and started no thread. The child is a fresh process in every other respect (its own
 pid, memory, signals, exit status); `-m module` and script paths are run as `python` runs them (runpy, `sys.argv`,
-`sys.path[0]`).
+`sys.path[0]`). Like every multiprocessing child it ends without the interpreter's finalisation (no `atexit`
+handlers): a test of what happens at exit needs a fresh interpreter.
 """
 
 from __future__ import annotations
