@@ -1,14 +1,14 @@
 """benchmarks/step_overhead end to end on CPU (tiny model, 2 measured steps): the JSON is complete and typed.
 
 No timing is asserted: the figures depend on the machine and its load. What must hold is that both trainers ran,
-interleaved, from the same weights, with fixed-length completions, and that every reported key is there.
+interleaved, from the same weights, with fixed-length completions, and that every reported key is there. The run is
+the first one of the GPU check's CPU rehearsal (conftest's `gpu_check_rehearsal`), which drives step_overhead as its
+command line does (`run_benchmark`, `summarise`) and writes the same JSON: its two workers start once per session.
 """
 
 import importlib
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,13 +27,12 @@ def is_time(value) -> bool:
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    command = [sys.executable, "-m", "benchmarks.step_overhead", "--device", "cpu", "--model", "tiny", "--steps", "2"]
-    command += ["--warmup", "1", "--perturbation-reps", "2", "--json", str(out)]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return json.loads(out.read_text())
+def result(gpu_check_rehearsal) -> dict:
+    """The step_overhead run (GRPO and VPPO interleaved, VPPO measuring every row) of the GPU check's CPU rehearsal:
+    `python -m benchmarks.step_overhead --device cpu --model tiny --steps 2 --warmup 1 ... --no-skip-zero-advantage`,
+    the JSON that command writes."""
+    check, _ = gpu_check_rehearsal
+    return json.loads(Path(check["overhead"]["skip_off"]["summary_file"]).read_text())
 
 
 def test_json_has_every_key_with_sane_types(result):
@@ -90,6 +89,7 @@ def test_both_trainers_ran_every_step_from_the_same_weights(result):
     assert result["skipped_fraction"] == 0.0
 
 
+@pytest.mark.transformers_independent
 def test_uniform_prompt_share_is_exact_per_run_of_prompts(monkeypatch):
     uniform_prompt = load("workload", monkeypatch).uniform_prompt
     for share in (0.0, 0.25, 0.5, 1.0):
@@ -114,14 +114,14 @@ def test_7b_arch_config_is_qwen25_vl_7b(monkeypatch):
     assert config.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
 
 
-def test_perturbation_space_benchmark_runs(tmp_path):
+def test_perturbation_space_benchmark_runs(tmp_path, warm_python):
     """benchmarks/perturbation_space.py on two tiny batches: both routes timed, the layout recorded."""
     script = ROOT / "benchmarks" / "perturbation_space.py"
     out = tmp_path / "spaces.json"
-    command = [sys.executable, str(script), "--sizes", "60x90,30x30", "--prompts", "1", "--generations", "2"]
-    command += ["--reps", "1", "--json", str(out)]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    arguments = [str(script), "--sizes", "60x90,30x30", "--prompts", "1", "--generations", "2"]
+    arguments += ["--reps", "1", "--json", str(out)]
+    exit_code = warm_python.run(arguments, tmp_path / "spaces.log", cwd=ROOT, timeout=300)
+    assert exit_code == 0, (tmp_path / "spaces.log").read_text()[-6000:]
     result = json.loads(out.read_text())
     assert [row["loaded_size"] for row in result["results"]] == [[60, 90], [30, 30]]
     for row in result["results"]:

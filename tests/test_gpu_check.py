@@ -2,19 +2,15 @@
 the rare moments a GPU is there; the real architectures checked on the meta device (no memory, no time).
 
 No timing is asserted: what must hold is every part's own checks (weights compared, steps counted, fingerprints
-matched), the sections every figure of benchmarks/README.md is read from, and the table.
+matched), the sections every figure of benchmarks/README.md is read from, and the table. The run itself is conftest's
+`gpu_check_rehearsal`, once per session (tests/test_benchmark_smoke.py reads its step_overhead run too).
 """
 
 import importlib
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_multiprocess import TORCH_EXTENSIONS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,20 +21,9 @@ def load(module: str, monkeypatch: pytest.MonkeyPatch):
     return importlib.import_module(f"benchmarks.gpu_check.{module}")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[dict, str]:
-    out = tmp_path_factory.mktemp("gpu_check") / "tiny.json"
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--preset", "tiny", "--json", str(out)]
-    command += ["--budget-s", "3600"]  # the parts at their full size, however loaded the machine
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR}
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
-    return json.loads(out.read_text()), completed.stdout
-
-
 @pytest.mark.slow
-def test_every_part_passes_its_checks(run):
-    result, _ = run
+def test_every_part_passes_its_checks(gpu_check_rehearsal):
+    result, _ = gpu_check_rehearsal
     for part in ("overhead", "lora", "qwen3", "zero3"):
         section = result[part]
         failed = [name for name, passed in section["checks"].items() if not passed]
@@ -47,8 +32,8 @@ def test_every_part_passes_its_checks(run):
 
 
 @pytest.mark.slow
-def test_sections_hold_the_figures_the_readme_explains(run):
-    result, stdout = run
+def test_sections_hold_the_figures_the_readme_explains(gpu_check_rehearsal):
+    result, stdout = gpu_check_rehearsal
     for name in ("skip_off", "half_uniform"):
         figures = result["overhead"][name]
         for key in ("overhead_efficiency", "ratio", "peak_mem_ratio"):
@@ -94,6 +79,7 @@ def test_real_architectures_have_the_checkpoints_parameter_counts(monkeypatch):
     assert shallow.vision_config.deepstack_visual_indexes == [8]
 
 
+@pytest.mark.transformers_independent
 def test_a_budget_shortens_the_parts_down_to_their_minimum(monkeypatch):
     settings = load("settings", monkeypatch)
     plan = settings.PartPlan(steps=4, setup_s=10.0, step_s=5.0)

@@ -5,8 +5,6 @@ Which method learns faster is the benchmark's finding (benchmarks/LEARNING.md), 
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,22 +23,16 @@ def load_benchmark():
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
+def smoke(tmp_path_factory, warm_python) -> Path:
+    """`python benchmarks/learning.py --smoke` with every method and one prompt (8 completions) per step: enough for
+    every figure this test reads; the benchmark's own 4 prompts per step are for learning, not for plumbing."""
     out = tmp_path_factory.mktemp("learning")
     methods = [*load_benchmark().DEFAULT_METHODS, *GUARD_METHODS, "vppo_official_tas"]
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        "--smoke",
-        "--workers",
-        "1",
-        "--methods",
-        *methods,
-        "--output-dir",
-        str(out),
-    ]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    arguments = [str(SCRIPT), "--smoke", "--prompts-per-step", "1", "--workers", "1", "--methods", *methods]
+    arguments += ["--output-dir", str(out)]
+    log = out / "smoke.log"
+    exit_code = warm_python.run(arguments, log, cwd=ROOT, timeout=600)
+    assert exit_code == 0, log.read_text()[-6000:]
     return out
 
 
@@ -80,18 +72,21 @@ def test_smoke_writes_every_run_summary_table_and_plot(smoke):
         image.verify()
 
 
+@pytest.mark.transformers_independent
 def test_first_colour_reward_ignores_fillers():
     reward = load_benchmark().first_colour_reward
     completions = [[{"role": "assistant", "content": text}] for text in ("so the is now red", "yes blue red", "okay")]
     assert reward(completions, answer=["red", "red", "red"]) == [1.0, 0.0, 0.0]
 
 
+@pytest.mark.transformers_independent
 def test_steps_to_threshold_reads_the_moving_average():
     benchmark = load_benchmark()
     assert benchmark.steps_to_threshold([0.0, 1.0, 1.0, 1.0], window=2, threshold=0.75) == 3
     assert benchmark.steps_to_threshold([0.0, 0.5], window=2, threshold=0.75) is None
 
 
+@pytest.mark.transformers_independent
 def test_paired_bootstrap_of_per_seed_differences():
     benchmark = load_benchmark()
     constant = benchmark.paired_bootstrap([0.1, 0.1, 0.1])
@@ -103,6 +98,7 @@ def test_paired_bootstrap_of_per_seed_differences():
     assert (mixed["wins"], mixed["losses"], mixed["seeds"]) == (3, 1, 5)
 
 
+@pytest.mark.transformers_independent
 def test_paired_differences_pair_runs_by_seed():
     benchmark = load_benchmark()
 
@@ -116,6 +112,7 @@ def test_paired_differences_pair_runs_by_seed():
     assert paired["colour"]["vppo_guard - grpo"]["differences"] == [0.25, 0.25]
 
 
+@pytest.mark.transformers_independent
 def test_colour_kept_is_read_where_the_guard_statistic_reaches_full():
     benchmark = load_benchmark()
     log = [

@@ -29,7 +29,7 @@ def test_notebook_runs_in_tiny_cpu_mode(tmp_path, python3_kernel):
     executed = papermill.execute_notebook(
         str(NOTEBOOK),
         str(tmp_path / "executed.ipynb"),
-        parameters={"tiny": True, "device": "cpu", "max_steps": 2, "output_dir": str(output_dir)},
+        parameters={"tiny": True, "device": "cpu", "max_steps": 1, "output_dir": str(output_dir)},
         kernel_name=python3_kernel,
         cwd=str(tmp_path),
         progress_bar=False,

@@ -1,7 +1,9 @@
 """Long runs that survive: every weight restored, exact continuation after SIGKILL, atomic checkpoints, no NaN.
 
 The kill tests run real processes (`tests/scripts/resumable_run.py`) and SIGKILL them right after (or while) a
-checkpoint is written; a resumed run must end with exactly the weights of the same run never interrupted.
+checkpoint is written; a resumed run must end with exactly the weights of the same run never interrupted. Single
+processes start from the warm interpreter (tests/processes.py), two-process runs under `accelerate launch`; a
+configuration's uninterrupted run is shared by the tests that kill it at different moments.
 """
 
 import json
@@ -9,14 +11,16 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from packaging.version import Version
+from processes import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from safetensors.torch import load_file
-from test_multiprocess import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from test_trainer import final_parameters, length_reward, make_trainer, vppo_args
 
 import vppo_trl.method.trainer as trainer_module
@@ -33,22 +37,42 @@ from vppo_trl.testing import COLOURS, FAMILIES, build_tiny_vlm, make_colour_data
 
 SCRIPT = Path(__file__).parent / "scripts" / "resumable_run.py"
 # One thread per run: bit-for-bit comparisons across processes need the same reduction order.
-RUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR}
+RUN_ENV = {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR}
+# Settings that change what is written to disk, not what is trained: runs differing only in these share a reference.
+NOT_TRAINING = ("save_total_limit",)
 
 
-def start(output_dir: Path, config: dict, *flags: str, launcher: list[str] | None = None) -> subprocess.Popen:
-    prefix = [*launcher, "--main_process_port", str(free_port())] if launcher else [sys.executable]
-    command = [*prefix, str(SCRIPT), str(output_dir), json.dumps(config), *flags]
-    log = open(f"{output_dir}.log", "a")  # noqa: SIM115 - closed when the process is collected
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=RUN_ENV)
+@dataclass
+class Run:
+    """A started run of `resumable_run.py`: in a child of the warm interpreter, or under `accelerate launch`."""
+
+    output_dir: Path
+    wait: Callable[[], int]  # its exit code
+    launched: bool
 
 
-def finish(process: subprocess.Popen, output_dir: Path, killed: bool = False) -> None:
+def start(warm_python, output_dir: Path, config: dict, *flags: str, launcher: list[str] | None = None) -> Run:
+    arguments = [str(SCRIPT), str(output_dir), json.dumps(config), *flags]
+    log_path = Path(f"{output_dir}.log")
+    if launcher is None:
+        process = warm_python.start(arguments, log_path, env=RUN_ENV)
+
+        def wait() -> int:
+            process.join(900)
+            return process.exitcode
+
+        return Run(output_dir, wait, launched=False)
+    command = [*launcher, "--main_process_port", str(free_port()), *arguments]
+    with open(log_path, "a") as log:
+        popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **RUN_ENV})
+    return Run(output_dir, lambda: popen.wait(timeout=900), launched=True)
+
+
+def finish(run: Run, killed: bool = False) -> None:
     """Wait for a run; a killed one must have died by SIGKILL (its launcher, if any, then fails)."""
-    returncode = process.wait(timeout=900)
-    launched = "accelerate.commands.launch" in process.args
-    succeeded = (returncode != 0 if launched else returncode == -9) if killed else returncode == 0
-    log = Path(f"{output_dir}.log").read_text()
+    returncode = run.wait()
+    succeeded = (returncode != 0 if run.launched else returncode == -9) if killed else returncode == 0
+    log = Path(f"{run.output_dir}.log").read_text()
     assert succeeded, f"exit {returncode} (killed={killed}):\n{log[-6000:]}"
 
 
@@ -65,19 +89,36 @@ def assert_same_weights(expected: dict[str, torch.Tensor], actual: dict[str, tor
     assert not different, f"{len(different)} of {len(expected)} tensors differ, e.g. {different[:3]}"
 
 
-def interrupted_and_resumed(tmp_path: Path, config: dict, kill_at: int, launcher=None) -> None:
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory, warm_python) -> Callable[[dict], Run]:
+    """The uninterrupted single-process run of a training configuration, started once per module and shared by the
+    kill tests of that configuration: `straight(config)` starts it (or returns it) so that it runs alongside the
+    first test's interrupted run."""
+    folder = tmp_path_factory.mktemp("straight")
+    started: dict[str, Run] = {}
+
+    def straight(config: dict) -> Run:
+        training = {key: value for key, value in sorted(config.items()) if key not in NOT_TRAINING}
+        key = json.dumps(training)
+        if key not in started:
+            started[key] = start(warm_python, folder / f"run{len(started)}", training)
+        return started[key]
+
+    return straight
+
+
+def interrupted_and_resumed(
+    tmp_path: Path, warm_python, straight: Run, config: dict, kill_at: int, launcher=None
+) -> None:
     """The same run uninterrupted and SIGKILLed right after checkpoint `kill_at`, then resumed: same final weights."""
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    processes = [
-        start(straight, config, launcher=launcher),
-        start(interrupted, config, "--kill-at", str(kill_at), launcher=launcher),
-    ]
-    finish(processes[0], straight)
-    finish(processes[1], interrupted, killed=True)
+    interrupted = tmp_path / "interrupted"
+    killed = start(warm_python, interrupted, config, "--kill-at", str(kill_at), launcher=launcher)
+    finish(straight)
+    finish(killed, killed=True)
     assert not (interrupted / "final").exists()
     assert newest_complete_checkpoint(interrupted) == str(interrupted / f"checkpoint-{kill_at}")
-    finish(start(interrupted, config, "--resume", launcher=launcher), interrupted)
-    assert_same_weights(final_weights(straight), final_weights(interrupted))
+    finish(start(warm_python, interrupted, config, "--resume", launcher=launcher))
+    assert_same_weights(final_weights(straight.output_dir), final_weights(interrupted))
 
 
 @pytest.mark.slow
@@ -93,13 +134,13 @@ def interrupted_and_resumed(tmp_path: Path, config: dict, kill_at: int, launcher
     ],
     ids=["defaults", "dynamic_sampling", "num_iterations_2", "kl", "lora", "second_epoch"],
 )
-def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, config, kill_at):
-    interrupted_and_resumed(tmp_path, config, kill_at)
+def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path, warm_python, straight_runs, config, kill_at):
+    interrupted_and_resumed(tmp_path, warm_python, straight_runs(config), config, kill_at)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
-def test_two_process_sigkill_then_resume_is_exact(tmp_path, backend):
+def test_two_process_sigkill_then_resume_is_exact(tmp_path, warm_python, backend):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
     if backend == "zero3":
         pytest.importorskip("deepspeed")
@@ -113,28 +154,30 @@ def test_two_process_sigkill_then_resume_is_exact(tmp_path, backend):
                 "torch cannot restore (fixed upstream since); GPU runs are not concerned"
             )
         launcher += ["--multi_gpu"]
-    interrupted_and_resumed(tmp_path, {"max_steps": 4}, 2, launcher=launcher)
+    config = {"max_steps": 4}
+    straight = start(warm_python, tmp_path / "straight", config, launcher=launcher)
+    interrupted_and_resumed(tmp_path, warm_python, straight, config, 2, launcher=launcher)
 
 
 @pytest.mark.slow
-def test_kill_while_saving_resumes_from_the_newest_complete_checkpoint(tmp_path):
+def test_kill_while_saving_resumes_from_the_newest_complete_checkpoint(tmp_path, warm_python, straight_runs):
     config = {"save_total_limit": 1}
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    processes = [start(straight, config), start(interrupted, config, "--kill-while-saving", "3")]
-    finish(processes[0], straight)
-    finish(processes[1], interrupted, killed=True)
+    straight, interrupted = straight_runs(config), tmp_path / "interrupted"
+    killed = start(warm_python, interrupted, config, "--kill-while-saving", "3")
+    finish(straight)
+    finish(killed, killed=True)
     # checkpoint-3 was written up to its completion marker; rotation (save_total_limit=1) had not yet removed 2.
     assert (interrupted / "checkpoint-3" / "model.safetensors").exists()
     assert not (interrupted / "checkpoint-3" / COMPLETE_MARKER).exists()
     assert newest_complete_checkpoint(interrupted) == str(interrupted / "checkpoint-2")
-    finish(start(interrupted, config, "--resume"), interrupted)
-    assert_same_weights(final_weights(straight), final_weights(interrupted))
+    finish(start(warm_python, interrupted, config, "--resume"))
+    assert_same_weights(final_weights(straight.output_dir), final_weights(interrupted))
     assert sorted(path.name for path in interrupted.glob("checkpoint-*")) == ["checkpoint-5"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_restores_every_weight(tmp_path, family, lora):
+def test_resume_restores_every_weight(tmp_path, tiny_vlm, family, lora):
     """A run resumed at its last checkpoint trains no step: its weights must be the checkpoint's, every tensor."""
     peft = None
     if lora:
@@ -144,7 +187,7 @@ def test_resume_restores_every_weight(tmp_path, family, lora):
         peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
 
     def trainer(max_steps):
-        model, processor = build_tiny_vlm(family, extra_words=COLOURS)
+        model, processor = tiny_vlm(family, extra_words=COLOURS)  # the same initial weights, built once
         return VPPOTrainer(
             model=model,
             reward_funcs=length_reward,
@@ -209,6 +252,7 @@ def test_failing_hub_push_keeps_training_and_checkpoints(tmp_path, monkeypatch):
     assert any(entry.get("hub/push_failures") for entry in trainer.state.log_history)
 
 
+@pytest.mark.transformers_independent
 def test_non_finite_log_probs_never_give_nan_dependencies_masks_or_scales():
     mask = torch.ones(3, 4)
     logps = torch.tensor([[-1.0, math.nan, -math.inf, -2.0], [-1.0, -1.0, -1.0, -1.0], [math.nan] * 4])

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vppo_trl.testing import exit_cleanly
+
 # AdamW at 1e-4 moves every bf16 weight in one step; the recipe's 1e-6 would leave most of them bit for bit
 # unchanged in a few steps, and a resume that loads nothing could not be told from one that loads the checkpoint.
 LEARNING_RATE = 1e-4
@@ -99,11 +101,8 @@ def main(spec: dict[str, Any]) -> None:
     record["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated()) if cuda else max_rss_bytes()
     if trainer.accelerator.is_main_process:
         Path(spec["result"]).write_text(json.dumps(record, indent=1) + "\n")
-    if torch.distributed.is_initialized():
-        # Tear the process group down before the interpreter exits: a gloo thread left running can abort the exit.
-        trainer.accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[1]))
+    exit_cleanly()

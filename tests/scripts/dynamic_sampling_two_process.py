@@ -3,10 +3,8 @@
 import json
 import sys
 
-import torch
-
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
+from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
 
 GROUP = 4
 
@@ -79,10 +77,8 @@ def main(output_path: str) -> None:
     }
     with open(f"{output_path}.rank{rank}.json", "w") as handle:
         json.dump(result, handle)
-    # Tear the process group down before the interpreter exits: a gloo thread left running can abort the exit.
-    trainer.accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_cleanly()

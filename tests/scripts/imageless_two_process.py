@@ -8,7 +8,7 @@ from datasets import Dataset
 
 import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.testing import build_family, make_colour_dataset
+from vppo_trl.testing import build_family, exit_cleanly, make_colour_dataset
 
 
 def alternating_text_dataset(rows: int) -> Dataset:
@@ -76,3 +76,4 @@ def main(output_path: str, family: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    exit_cleanly()

@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
+from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
 
 MAX_STEPS = 8
 NAN_LOSS = {2: 1, 6: 0, 7: 0}  # optimizer step: the rank whose loss is NaN
@@ -138,3 +138,4 @@ def main(output_path: str, overrides: dict) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+    exit_cleanly()

@@ -12,12 +12,11 @@ import json
 import os
 import signal
 
-import torch
 from transformers import TrainerCallback
 
 import vppo_trl.longrun.resume as checkpoints_module
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
+from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
 
 
 def half_uniform_reward(completions, answer, **kwargs) -> list[float]:
@@ -92,11 +91,8 @@ def main() -> None:
     )
     trainer.train(resume_from_checkpoint=True if cli.resume else None)
     trainer.save_model(os.path.join(cli.output_dir, "final"))
-    if torch.distributed.is_initialized():
-        # Tear the process group down before the interpreter exits: a gloo thread left running can abort the exit.
-        trainer.accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_cleanly()

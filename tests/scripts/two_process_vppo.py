@@ -1,14 +1,21 @@
-"""Run by `accelerate launch` in the two-process tests: trains VPPO for two steps and records each rank's TAS view."""
+"""Run by `accelerate launch` in the two-process tests: trains VPPO for two steps per job and records each rank's view.
+
+    two_process_vppo.py OUTPUT_PATH JOBS_JSON
+
+JOBS_JSON is a list of jobs, trained one after the other in the same processes (one launch checks several things):
+each has a `name` and optionally `estimator` (k3), `data` (`colour` or `alternating_text`), `family` (qwen2_5_vl) and
+`guard` (false). Each rank writes OUTPUT_PATH.{name}.rank{R}.json.
+"""
 
 import json
 import sys
 
-import torch
 from datasets import Dataset
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
+from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
 
 
 def half_uniform_reward(completions, answer, **kwargs) -> list[float]:
@@ -27,38 +34,52 @@ def alternating_text_dataset(rows: int) -> Dataset:
     return Dataset.from_list(records)
 
 
-def main(output_path: str, estimator: str, data: str, family: str, guard: bool) -> None:
-    records = []
-    original_scales = trainer_module.advantage_scales
+class Recorder:
+    """What each rank sees of one job, while in its `with` block: TAS's inputs and scales, the guard's balance, the
+    images per step."""
 
-    def recording_scales(dependency, valid, beta_min=0.9, beta_max=None, beta_max_cap=None):
-        scales = original_scales(dependency, valid, beta_min, beta_max, beta_max_cap)
-        records.append({"dependency": dependency.tolist(), "valid": valid.tolist(), "scales": scales.tolist()})
-        return scales
+    def __init__(self):
+        self.tas, self.balanced, self.images_per_step = [], [], []
 
-    trainer_module.advantage_scales = recording_scales
-    balanced_records = []
-    original_balance = trainer_module.sign_balanced_scales
+    def __enter__(self) -> "Recorder":
+        original_scales = trainer_module.advantage_scales
+        original_balance = trainer_module.sign_balanced_scales
+        original_apply = trainer_module.VPPOTrainer._apply_visual_dependency
+        self.originals = (original_scales, original_balance, original_apply)
 
-    def recording_balance(scales, advantages, valid):
-        balanced = original_balance(scales, advantages, valid)
-        balanced_records.append(
-            {"advantages": advantages.tolist(), "valid": valid.tolist(), "balanced": balanced.tolist()}
-        )
-        return balanced
+        def recording_scales(dependency, valid, beta_min=0.9, beta_max=None, beta_max_cap=None):
+            scales = original_scales(dependency, valid, beta_min, beta_max, beta_max_cap)
+            self.tas.append({"dependency": dependency.tolist(), "valid": valid.tolist(), "scales": scales.tolist()})
+            return scales
 
-    trainer_module.sign_balanced_scales = recording_balance
-    images_per_step = []
-    original_apply = trainer_module.VPPOTrainer._apply_visual_dependency
+        def recording_balance(scales, advantages, valid):
+            balanced = original_balance(scales, advantages, valid)
+            record = {"advantages": advantages.tolist(), "valid": valid.tolist(), "balanced": balanced.tolist()}
+            self.balanced.append(record)
+            return balanced
 
-    def recording_apply(self, batch):
-        images_per_step.append(sum(batch.get("num_images") or []))
-        return original_apply(self, batch)
+        def recording_apply(trainer, batch):
+            self.images_per_step.append(sum(batch.get("num_images") or []))
+            return original_apply(trainer, batch)
 
-    trainer_module.VPPOTrainer._apply_visual_dependency = recording_apply
-    model, processor = build_tiny_vlm(family, extra_words=COLOURS)
+        trainer_module.advantage_scales = recording_scales
+        trainer_module.sign_balanced_scales = recording_balance
+        trainer_module.VPPOTrainer._apply_visual_dependency = recording_apply
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        scales, balance, apply = self.originals
+        trainer_module.advantage_scales = scales
+        trainer_module.sign_balanced_scales = balance
+        trainer_module.VPPOTrainer._apply_visual_dependency = apply
+
+
+def train_job(output_path: str, job: dict) -> None:
+    estimator, data = job.get("estimator", "k3"), job.get("data", "colour")
+    guard = job.get("guard", False)
+    model, processor = build_tiny_vlm(job.get("family", "qwen2_5_vl"), extra_words=COLOURS)
     args = VPPOConfig(
-        output_dir=output_path + ".out",
+        output_dir=f"{output_path}.{job['name']}.out",
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=5,
@@ -83,24 +104,26 @@ def main(output_path: str, estimator: str, data: str, family: str, guard: bool) 
         train_dataset=make_colour_dataset(32, seed=3) if data == "colour" else alternating_text_dataset(32),
         processing_class=processor,
     )
-    trainer.train()
+    with Recorder() as recorder:
+        trainer.train()
     rank = trainer.accelerator.process_index
     result = {
         "rank": rank,
         "world_size": trainer.accelerator.num_processes,
         "global_step": trainer.state.global_step,
-        "tas": records,
-        "balanced": balanced_records,
+        "tas": recorder.tas,
+        "balanced": recorder.balanced,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
-        "images_per_step": images_per_step,
+        "images_per_step": recorder.images_per_step,
     }
-    with open(f"{output_path}.rank{rank}.json", "w") as handle:
+    with open(f"{output_path}.{job['name']}.rank{rank}.json", "w") as handle:
         json.dump(result, handle)
-    # Tear the process group down before the interpreter exits: a gloo thread left running can abort the exit.
-    trainer.accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    # Transformers reads ZeRO-3 from the last training arguments made, which this trainer keeps alive: the next job's
+    # model would be built partitioned (the test runs built theirs before any arguments existed).
+    unset_hf_deepspeed_config()
 
 
 if __name__ == "__main__":
-    output, estimator, data, family, guard = (sys.argv[1:] + [None] * 4)[:5]
-    main(output, estimator or "k3", data or "colour", family or "qwen2_5_vl", guard == "guard")
+    for job in json.loads(sys.argv[2]):
+        train_job(sys.argv[1], job)
+    exit_cleanly()
