@@ -439,7 +439,8 @@ def make_table_callback(print_every: int, answer_tokens: int):
             if logs is None or "reward" not in logs:
                 return
             self.rewards.append(logs["reward"])
-            if state.global_step % print_every and state.global_step != state.max_steps:
+            last = state.global_step == state.max_steps or control.should_training_stop  # the stop callback runs first
+            if state.global_step % print_every and not last:
                 return
             row = f"{state.global_step:>5} {logs['reward']:>7.3f} {window_mean(self.rewards):>7.3f}"
             metrics = TABLE_METRICS if hasattr(args, "token_filter_ratio") else ()
