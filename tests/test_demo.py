@@ -1,7 +1,8 @@
 """The CPU demo runs end to end and writes what its users read; the sweep over seeds tabulates VPPO next to GRPO.
 
 Learning itself is shown by the full demo and the sweep (README, docs/demo.md); here a few steps check the pipeline
-only, with no timing or learning assertions.
+only, with no timing or learning assertions. One quick demo run and one two-seed sweep are shared by the tests that
+read them.
 """
 
 import contextlib
@@ -9,7 +10,12 @@ import csv
 import importlib.util
 import io
 import json
+import logging
+import shutil
+import subprocess
 import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,16 +26,18 @@ from vppo_trl.testing import COLOURS, build_tiny_vlm, suppressed_token_ids
 from vppo_trl.tools import demo
 
 SWEEP_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_sweep.py"
+QUICK_STEPS = demo.DemoArguments(quick=True).steps
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One `--quick --compare grpo` run: its folder, summary and printed output."""
+    """One `--quick --compare grpo` run, as a user starts it: its folder, summary and console (stdout, stderr)."""
     folder = tmp_path_factory.mktemp("demo")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # a module-scoped fixture cannot use capsys
-        summary = demo.main(["--quick", "--compare", "grpo", "--output-dir", str(folder)])
-    return folder, summary, printed.getvalue()
+    command = [sys.executable, "-m", "vppo_trl.tools.demo", "--quick", "--compare", "grpo", "--output-dir"]
+    console = subprocess.run(
+        [*command, str(folder)], check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ).stdout
+    return folder, json.loads((folder / "summary.json").read_text()), console
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -45,18 +53,52 @@ def test_quick_demo_writes_table_log_summary_and_plot(quick_run):
     assert "3 of the answer's 7 (with <|im_end|>)" in printed
 
     rows = read_csv(folder / "log.csv")
-    assert [int(float(row["step"])) for row in rows] == [1, 2, 3]
+    assert [int(float(row["step"])) for row in rows] == list(range(1, QUICK_STEPS + 1))
     for key in ("reward", "vppo/advantage_scale_max", "vppo/skipped_fraction", "dynamic_sampling/batch_fill"):
         assert key in rows[0]
-    # The learning rate logged is the one the banner prints (the vision tower's 5x is its own parameter group)
+    # The learning rate logged is the one the banner prints
     assert {float(row["learning_rate"]) for row in rows} == {summary["learning_rate"]}
 
-    assert json.loads((folder / "summary.json").read_text()) == summary
     assert isinstance(summary["learned"], bool) and not summary["learned"]
     assert 0.0 <= summary["greedy_accuracy_after"] <= 1.0 and summary["train_seconds"] > 0
     with Image.open(folder / "vppo_demo.png") as image:
         assert image.format == "PNG"
         image.verify()
+
+
+def test_the_console_holds_no_warning_and_no_repeated_line(quick_run):
+    _, _, printed = quick_run
+    lines = printed.splitlines()
+    assert not [line for line in lines if "warn" in line.lower()], printed
+    # Each method's part (VPPO, then GRPO with --compare) prints each line once; the two tables may share rows.
+    vppo, grpo = printed.split("\nGRPO: ")
+    for part in (vppo, grpo):
+        repeated = [line for line, count in Counter(part.splitlines()).items() if count > 1]
+        assert repeated == [], printed
+    # Third-party start-up noise is silenced (DeepSpeed logs this when accelerate imports it to unwrap a model)
+    assert "Setting accelerator" not in printed
+    # The dynamic-sampling shortfall of every quick step (a 2-step warm start earns no reward) is said once
+    assert sum("Dynamic sampling:" in line for line in vppo.splitlines()) == 1
+    assert f"{QUICK_STEPS} of {QUICK_STEPS} steps trained on a batch it could not fill" in vppo
+
+
+def test_the_demo_says_per_colour_what_it_learned_and_summary_json_keeps_it(quick_run):
+    _, summary, printed = quick_run
+    per_colour = demo.EVAL_IMAGES // len(COLOURS)
+    assert f"fresh images ({per_colour} of each colour)" in printed
+    line = next(line for line in printed.splitlines() if line.startswith("  per colour after VPPO: "))
+    expected = ", ".join(f"{c} {summary['per_colour_accuracy_after'][c]:.2f}" for c in COLOURS)
+    assert line.startswith(f"  per colour after VPPO: {expected}")
+    for key in ("per_colour_accuracy_before", "per_colour_accuracy_after"):
+        assert set(summary[key]) == set(COLOURS) and all(0.0 <= value <= 1.0 for value in summary[key].values())
+    confusion = summary["confusion_after"]
+    assert set(confusion) == set(COLOURS)
+    for colour, named in confusion.items():
+        assert set(named) == {*COLOURS, demo.NO_COLOUR} and sum(named.values()) == per_colour
+        assert named[colour] >= summary["per_colour_accuracy_after"][colour] * per_colour  # right sentence, right word
+    mean = sum(summary["per_colour_accuracy_after"].values()) / len(COLOURS)
+    assert mean == pytest.approx(summary["greedy_accuracy_after"])
+    assert set(summary["grpo"]["confusion_after"]) == set(COLOURS)
 
 
 def test_the_spotlight_json_keeps_tokens_dependency_and_kept(quick_run):
@@ -72,10 +114,11 @@ def test_the_spotlight_json_keeps_tokens_dependency_and_kept(quick_run):
 
 def test_compare_grpo_trains_every_token_from_the_same_warm_start(quick_run):
     folder, summary, printed = quick_run
-    assert "GRPO: 3 steps" in printed and "GRPO verdict: quick run" in printed
+    banner = f"GRPO: {QUICK_STEPS} steps"
+    assert banner in printed and "GRPO verdict: quick run" in printed
     grpo_rows = read_csv(folder / "grpo_log.csv")
-    assert [int(float(row["step"])) for row in grpo_rows] == [1, 2, 3]
-    assert "keeps 40% of tokens" in printed.split("GRPO: 3 steps")[0] and "keeps" not in printed.split("GRPO: 3")[1]
+    assert [int(float(row["step"])) for row in grpo_rows] == list(range(1, QUICK_STEPS + 1))
+    assert "keeps 40% of tokens" in printed.split(banner)[0] and "keeps" not in printed.split(banner)[1]
     # TGF off: every completion token gets gradient on the steps that measured any (a 3-step warm start may leave
     # every group uninformative, and then no dependency is measured)
     assert {row.get("vppo/token_fraction") for row in grpo_rows} - {None, ""} <= {"1.0"}
@@ -97,6 +140,14 @@ def test_the_saved_model_can_be_spotlighted_from_the_command_line(quick_run, tmp
     page = (tmp_path / "spot" / "perception.html").read_text()
     assert page.count('class="completion"') == 3
     assert "<|image_pad|>" not in page.split("<h2>The")[1]  # suppress_tokens, saved with the model
+
+
+def test_the_saved_model_loads_with_no_missing_or_unexpected_key(quick_run):
+    from transformers import AutoModelForImageTextToText
+
+    folder, _, _ = quick_run
+    _, info = AutoModelForImageTextToText.from_pretrained(folder / "trainer", output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 
 
 def test_the_reward_is_one_for_exactly_the_right_sentence():
@@ -158,59 +209,91 @@ def load_sweep():
     return module
 
 
-def test_the_sweep_tabulates_both_methods_per_seed_and_their_paired_difference(tmp_path, capsys):
-    sweep = load_sweep()
-    argv = ["--seeds", "0-1", "--steps", "2", "--warm-start-steps", "2", "--output-dir", str(tmp_path)]
-    summary = sweep.main(argv)
-    table = (tmp_path / "results.md").read_text()
-    assert table in capsys.readouterr().out
+SWEEP_ARGS = ["--quick", "--spotlight", "false"]
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+    """A two-seed sweep of VPPO and GRPO (the demo's quick runs): its folder, summary and printed output."""
+    folder = tmp_path_factory.mktemp("sweep")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # a module-scoped fixture cannot use capsys
+        summary = load_sweep().main(
+            ["--seeds", "0-1", "--methods", "vppo,grpo", *SWEEP_ARGS, "--output-dir", str(folder)]
+        )
+    return folder, summary, printed.getvalue()
+
+
+def test_the_sweep_tabulates_both_methods_per_seed_and_their_paired_difference(sweep_run, capsys):
+    folder, summary, printed = sweep_run
+    table = (folder / "results.md").read_text()
+    assert table in printed
     assert "| seed | VPPO | GRPO |" in table
     rows = [line for line in table.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
     assert len(rows) == 2 and all(len(row.split(" | ")) == 3 for row in rows)
     assert "GRPO minus VPPO, paired by seed" in table
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((folder / "results.json").read_text())
     assert [r["seed"] for r in results["results"]] == [0, 1]
     for result in results["results"]:
         for method in ("vppo", "grpo"):
             run = result["runs"][method]
-            assert set(run) >= {"learned", "step_reaching_0.8", "greedy_accuracy_after", "train_seconds"}
-        # Each row's cells hold that seed's runs, in the header's order
+            assert set(run) >= {"learned", "steps_trained", "step_reaching_0.8", "greedy_accuracy_after"}
+            assert set(run["per_colour_accuracy_after"]) == set(COLOURS)
+            assert run["train_seconds"] > 0 and run["train_cpu_seconds"] > 0 and len(run["load_average"]) == 2
+        # Each row's cells hold that seed's runs, in the header's order; a run that did not learn says its confusions
         cells = rows[result["seed"]].strip("| ").split(" | ")[1:]
         for cell, method in zip(cells, ("vppo", "grpo"), strict=True):
             run = result["runs"][method]
-            learned = "yes" if run["learned"] else "NO"
-            assert cell.startswith(f"{learned}, never (> 2), {run['greedy_accuracy_after']:.2f}, ")
-    # Two steps cannot reach 0.8 from a chance-level start: both count as censored (steps + 1)
+            assert not run["learned"]
+            assert cell.startswith(f"NO, {QUICK_STEPS}, never (> {QUICK_STEPS}), {run['greedy_accuracy_after']:.2f} (")
+            assert cell.endswith(f", {run['train_seconds']:.0f} s ({run['train_cpu_seconds']:.0f} s CPU)")
+            mistakes = demo.HeldOut.after_training(run).confusions()
+            assert f"({', '.join(mistakes[:2])})" in cell
+    # A quick run cannot reach 0.8: both count as censored (steps + 1)
     assert summary["steps_difference_grpo_minus_vppo"]["per_seed"] == [0, 0]
 
     # A finished seed is not trained again
-    (tmp_path / "seed1.json").write_text((tmp_path / "seed1.json").read_text().replace('"seed": 1', '"seed": 1 '))
-    sweep.main(argv)
+    seed1 = folder / "seed1.json"
+    seed1.write_text(seed1.read_text().replace('"seed": 1', '"seed": 1 '))
+    load_sweep().main(["--seeds", "0-1", "--methods", "vppo,grpo", *SWEEP_ARGS, "--output-dir", str(folder)])
     assert "(2 already done)" in capsys.readouterr().out
 
 
-def test_a_method_added_to_the_sweep_trains_only_that_method_from_the_same_warm_start(tmp_path, capsys):
+def test_the_sweep_of_vppo_alone_tabulates_it_without_a_comparison(sweep_run):
+    folder, _, _ = sweep_run
     sweep = load_sweep()
-    argv = ["--seeds", "0", "--steps", "2", "--warm-start-steps", "2", "--output-dir", str(tmp_path)]
-    sweep.main([*argv, "--methods", "vppo,grpo"])
+    results = json.loads((folder / "results.json").read_text())["results"]
+    args = sweep.SweepArguments(methods="vppo", quick=True)
+    summary = sweep.summarise(results, args)
+    table = sweep.markdown(results, summary)
+    assert "| seed | VPPO |" in table and "GRPO" not in table and "paired by seed" not in table
+    runs = [result["runs"]["vppo"] for result in results]
+    assert summary["vppo"]["max_train_seconds"] == max(run["train_seconds"] for run in runs)
+    assert f"- VPPO: 0 of 2 seeds learned; median steps trained {QUICK_STEPS}," in table
+
+
+def test_a_method_added_to_the_sweep_trains_only_that_method_from_the_same_warm_start(sweep_run, tmp_path):
+    shutil.copy(sweep_run[0] / "seed0.json", tmp_path / "seed0.json")
     before = json.loads((tmp_path / "seed0.json").read_text())
-    summary = sweep.main([*argv, "--methods", "vppo,grpo,vppo_guard"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = load_sweep().main(
+            ["--seeds", "0", *SWEEP_ARGS, "--output-dir", str(tmp_path), "--methods", "vppo,grpo,vppo_guard"]
+        )
     after = json.loads((tmp_path / "seed0.json").read_text())
     assert after["runs"]["vppo"] == before["runs"]["vppo"] and after["runs"]["grpo"] == before["runs"]["grpo"]
-    assert after["warm_start_accuracy"] == before["warm_start_accuracy"]
+    assert after["warm_start_accuracy"] == before["warm_start_accuracy"]  # the same, deterministic warm start
     assert set(after["runs"]["vppo_guard"]) >= {"learned", "step_reaching_0.8", "greedy_accuracy_after"}
     table = (tmp_path / "results.md").read_text()
     assert "| seed | VPPO | GRPO | VPPO_GUARD |" in table and "GRPO minus VPPO_GUARD, paired by seed" in table
     assert summary["steps_difference_grpo_minus_vppo_guard"]["per_seed"] == [0]
 
 
-def test_the_sweep_refuses_methods_without_grpo_or_unknown(capsys):
-    for methods, problem in (("vppo", ""), ("vppo,grpo,vpo", " (unknown: vpo)")):
+def test_the_sweep_refuses_unknown_methods_or_none(capsys):
+    for methods, problem in ((",", ""), ("vppo,grpo,vpo", " (unknown: vpo)")):
         with pytest.raises(SystemExit):
             load_sweep().main(["--methods", methods])
-        assert f"must name grpo and at least one other method among vppo, grpo, vppo_guard{problem}" in (
-            capsys.readouterr().err
-        )
+        assert f"must name methods among vppo, grpo, vppo_guard{problem}" in capsys.readouterr().err
 
 
 def test_the_sweep_refuses_a_bad_seed_list(capsys):
@@ -223,3 +306,55 @@ def test_first_step_reaching_uses_the_moving_mean():
     rewards = [0.0] * 20 + [1.0] * 20
     assert demo.first_step_reaching(rewards) == 36  # 16 ones in the window of 20 steps
     assert demo.first_step_reaching([0.5] * 30) is None
+
+
+def stalled_summary() -> dict:
+    """A run that answers yellow shapes red or green: the issue's seed-101 stall, in the summary's layout."""
+    confusion = {colour: {**dict.fromkeys((*COLOURS, demo.NO_COLOUR), 0), colour: 32} for colour in COLOURS}
+    confusion["yellow"] = {**dict.fromkeys((*COLOURS, demo.NO_COLOUR), 0), "red": 25, "green": 6, "yellow": 1}
+    return {
+        "start_reward": 0.23,
+        "end_reward": 0.75,
+        "greedy_accuracy_before": 0.25,
+        "greedy_accuracy_after": 97 / 128,
+        "per_colour_accuracy_after": {"red": 1.0, "green": 1.0, "blue": 1.0, "yellow": 1 / 32},
+        "confusion_after": confusion,
+        "learned": False,
+        "train_seconds": 100.0,
+    }
+
+
+def test_a_run_that_did_not_learn_names_which_colour_it_confuses_with_which():
+    summary = stalled_summary()
+    text = demo.verdict(summary, quick=False)
+    assert text.startswith("did NOT learn: mean reward 0.23 (first 20 steps) -> 0.75 (last 20)")
+    assert text.endswith("; held-out answers confused yellow -> red 25/32, yellow -> green 6/32")
+    total, per_colour = demo.held_out_lines(summary, "VPPO")
+    assert "0.25 before VPPO -> 0.76 after" in total
+    assert per_colour == (
+        "  per colour after VPPO: red 1.00, green 1.00, blue 1.00, yellow 0.03; confused (true -> answered): "
+        "yellow -> red 25/32, yellow -> green 6/32."
+    )
+    summary.update(learned=True, confusion_after={c: {c: 32} for c in COLOURS})
+    assert demo.verdict(summary, quick=False).startswith("LEARNED")
+    assert demo.held_out_lines(summary, "VPPO")[1].endswith("; no colour confused.")
+
+
+def test_named_colour_reads_the_answers_colour_word():
+    assert demo.named_colour("The shape is yellow.") == "yellow"
+    assert demo.named_colour("Red") == "red"
+    assert demo.named_colour("The shape is") == demo.NO_COLOUR
+
+
+def test_quiet_libraries_silences_only_inside_the_call_and_restores_everything():
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(name) for name in demo.quiet_libraries.QUIET_LOGGERS]
+    filters = [list(logger.filters) for logger in loggers]
+    state = (torch.get_num_threads(), hf_logging.get_verbosity(), list(warnings.filters))
+    with demo.quiet_libraries():
+        for logger in loggers:
+            assert not logger.filter(logger.makeRecord(logger.name, logging.WARNING, "x", 1, "noise", (), None))
+            assert logger.filter(logger.makeRecord(logger.name, logging.ERROR, "x", 1, "kept", (), None))
+    assert [list(logger.filters) for logger in loggers] == filters
+    assert (torch.get_num_threads(), hf_logging.get_verbosity(), list(warnings.filters)) == state

@@ -138,6 +138,8 @@ def test_every_batch_is_full_and_informative_and_each_prompt_used_once_per_epoch
         assert int((inputs["advantages"] == 0).sum()) == GROUP * round((1 - fill) * 2)
         if fill < 1:
             assert log["epoch"] == pytest.approx(round(log["epoch"]))
+        # A batch short because the epoch's data ran out is not the round limit's
+        assert log["dynamic_sampling/round_limit_reached"] == 0.0
 
 
 def row_view(batch: dict, row: int) -> dict[str, torch.Tensor]:
@@ -205,21 +207,28 @@ def test_merged_batch_has_grpo_layout(tmp_path, monkeypatch):
     assert torch.equal(reprocessed, batch["pixel_values"])
 
 
-def test_round_limit_continue_tops_up_and_logs(tmp_path, caplog):
-    trainer = make_trainer(tmp_path, reward=constant_reward, dynamic_sampling_max_rounds=1, max_steps=2)
+def test_round_limit_continue_tops_up_warns_once_and_counts(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, reward=constant_reward, dynamic_sampling_max_rounds=1, max_steps=3)
     with caplog.at_level(logging.WARNING, logger="vppo_trl.longrun.dynamic_sampling"):
         trainer.train()
-    assert trainer.state.global_step == 2
+    assert trainer.state.global_step == 3
     for log in dynamic_logs(trainer):
         assert log["dynamic_sampling/rounds"] == 2
         assert log["dynamic_sampling/batch_fill"] == 0.0
         assert log["dynamic_sampling/kept_fraction"] == 0.0
         assert log["dynamic_sampling/prompts_consumed"] == 4
+        assert log["dynamic_sampling/round_limit_reached"] == 1.0
     assert all(len(inputs["advantages"]) == 8 for inputs in trainer.loss_inputs)
-    assert "found 0 informative prompt groups of the 2 that a generation batch holds" in caplog.text
-    # Two steps of two rounds each: 8 prompts, each generated on once.
+    # Every step's batch was short: one warning at the first, one summary at the end, nothing in between.
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, lines
+    assert "found 0 informative prompt groups of the 2 that a generation batch holds" in lines[0]
+    assert "Reported once" in lines[0]
+    assert lines[1].startswith("Dynamic sampling: the round limit (dynamic_sampling_max_rounds=1) left 3 of 3 ")
+    assert "topped up with 6 uninformative groups of the 6 trained on (100.0%)" in lines[1]
+    # Three steps of two rounds each: 12 prompts, each generated on once.
     seen = Counter(trainer.prompt_ids_seen)
-    assert len(seen) == 8 and set(seen.values()) == {GROUP}
+    assert len(seen) == 12 and set(seen.values()) == {GROUP}
 
 
 def test_round_limit_raise(tmp_path):

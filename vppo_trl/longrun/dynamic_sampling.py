@@ -10,6 +10,7 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -82,6 +83,37 @@ class PromptStream:
         return batch
 
 
+SHORTFALL_ADVICE = (
+    "Raise dynamic_sampling_max_rounds, widen (dynamic_sampling_min, dynamic_sampling_max), filter on another reward "
+    "(dynamic_sampling_reward) or use data of better suited difficulty"
+)
+
+
+@dataclass
+class ShortfallCount:
+    """Generation batches of one `train()` call, and those the round limit left short (all processes together)."""
+
+    batches: int = 0
+    short_batches: int = 0
+    groups: int = 0
+    uninformative_groups: int = 0
+
+    def add(self, short: bool, found: int, target: int) -> None:
+        self.batches += 1
+        self.groups += target
+        if short:
+            self.short_batches += 1
+            self.uninformative_groups += target - found
+
+    def summary(self, max_rounds: int) -> str:
+        return (
+            f"Dynamic sampling: the round limit (dynamic_sampling_max_rounds={max_rounds}) left {self.short_batches} "
+            f"of {self.batches} generation batches short; they were topped up with {self.uninformative_groups} "
+            f"uninformative groups of the {self.groups} trained on ({self.uninformative_groups / self.groups:.1%}). "
+            f"{SHORTFALL_ADVICE}."
+        )
+
+
 class _EpochProgressCallback(TrainerCallback):
     """Reports `state.epoch` from the data consumed: with dynamic sampling an epoch takes fewer optimizer steps."""
 
@@ -107,8 +139,12 @@ class DynamicSamplingMixin(SharedStateMixin):
 
     Logged per generation batch: `dynamic_sampling/rounds` (generation rounds, 1 when nothing was dropped),
     `dynamic_sampling/kept_fraction` (share of the generated groups that were informative),
-    `dynamic_sampling/prompts_consumed` (prompts generated on, all processes) and `dynamic_sampling/batch_fill` (share
-    of the batch's groups that are informative: below 1 only when the round limit or the end of the data was reached).
+    `dynamic_sampling/prompts_consumed` (prompts generated on, all processes), `dynamic_sampling/batch_fill` (share
+    of the batch's groups that are informative: below 1 only when the round limit or the end of the data was reached)
+    and `dynamic_sampling/round_limit_reached` (1 when the round limit left the batch short, else 0).
+
+    A batch left short by the round limit is a condition that repeats (data too easy or too hard for the policy): it
+    is warned about once, then counted, and the count is summarised when training ends.
     """
 
     def __init__(self, *args, **kwargs):
@@ -116,6 +152,7 @@ class DynamicSamplingMixin(SharedStateMixin):
         self._prompt_stream: PromptStream | None = None
         self._rng_checkpoint: str | None = None
         self._round_rewards: torch.Tensor | None = None
+        self._shortfalls = ShortfallCount()
         if self.args.dynamic_sampling:
             name = self.args.dynamic_sampling_reward
             if name != "total" and name not in self.reward_func_names:
@@ -131,10 +168,14 @@ class DynamicSamplingMixin(SharedStateMixin):
         # An epoch takes a data-dependent number of steps, so the step count cannot tell how far into the data a
         # checkpoint was: the prompt stream repositions itself from the saved state instead of the Trainer's skip.
         ignore_data_skip, self.args.ignore_data_skip = self.args.ignore_data_skip, True
+        self._shortfalls = ShortfallCount()
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
         finally:
             self.args.ignore_data_skip = ignore_data_skip
+        if self._shortfalls.short_batches > 1 and self.accelerator.is_main_process:
+            logger.warning(self._shortfalls.summary(self.args.dynamic_sampling_max_rounds))
+        return output
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         if self.args.dynamic_sampling and checkpoint is not None and self._prompt_stream is None:
@@ -220,7 +261,7 @@ class DynamicSamplingMixin(SharedStateMixin):
             extra_rounds += 1
 
         found_all, target_all = self._log_dynamic_sampling(
-            1 + extra_rounds, generated, informative_generated, found, target
+            1 + extra_rounds, generated, informative_generated, found, target, limited=not out_of_data
         )
         if found_all < target_all and not out_of_data:
             message = (
@@ -228,14 +269,14 @@ class DynamicSamplingMixin(SharedStateMixin):
                 f"batch holds (all processes together) after {1 + extra_rounds} generation rounds "
                 f"(dynamic_sampling_max_rounds={args.dynamic_sampling_max_rounds}). "
             )
-            advice = (
-                "Raise dynamic_sampling_max_rounds, widen (dynamic_sampling_min, dynamic_sampling_max), filter on "
-                "another reward (dynamic_sampling_reward) or use data of better suited difficulty"
-            )
             if args.dynamic_sampling_on_exhausted == "raise":
-                raise RuntimeError(f"{message}{advice}, or set dynamic_sampling_on_exhausted='continue'.")
-            if self.accelerator.is_main_process:
-                logger.warning(f"{message}The batch is topped up with uninformative groups. {advice}.")
+                raise RuntimeError(f"{message}{SHORTFALL_ADVICE}, or set dynamic_sampling_on_exhausted='continue'.")
+            if self._shortfalls.short_batches == 1 and self.accelerator.is_main_process:
+                logger.warning(
+                    f"{message}The batch is topped up with uninformative groups. {SHORTFALL_ADVICE}. Reported once: "
+                    "later batches left short are logged as dynamic_sampling/round_limit_reached and counted when "
+                    "training ends."
+                )
         pieces = informative_pieces + self._first_groups(spare_pieces, target - found)
         merged = concatenate_rows(pieces, self._tokenizer.pad_token_id)
         loss_mask = (
@@ -275,14 +316,18 @@ class DynamicSamplingMixin(SharedStateMixin):
         return selected
 
     def _log_dynamic_sampling(
-        self, rounds: int, generated: int, informative: int, found: int, target: int
+        self, rounds: int, generated: int, informative: int, found: int, target: int, limited: bool = True
     ) -> tuple[int, int]:
-        """Log the batch's dynamic-sampling metrics; returns the informative and wanted groups over all processes."""
+        """Log the batch's dynamic-sampling metrics and count it (`limited`: a shortfall is the round limit's, not
+        the end of the data's); returns the informative and wanted groups over all processes."""
         counts = torch.tensor([generated, informative, found, target], device=self.accelerator.device)
         generated, informative, found, target = self.accelerator.reduce(counts, "sum").tolist()
+        short = limited and found < target
+        self._shortfalls.add(short, found, target)
         metrics = self._metrics["train"]
         metrics["dynamic_sampling/rounds"].append(rounds)
         metrics["dynamic_sampling/kept_fraction"].append(informative / generated)
         metrics["dynamic_sampling/prompts_consumed"].append(generated)
         metrics["dynamic_sampling/batch_fill"].append(found / target)
+        metrics["dynamic_sampling/round_limit_reached"].append(float(short))
         return found, target

@@ -1,4 +1,4 @@
-"""CPU demo: VPPO teaches a tiny vision-language model to say the colour of a shape, in about a minute, offline.
+"""CPU demo: VPPO teaches a tiny vision-language model to say the colour of a shape, in minutes, offline.
 
 Run it with `vppo-trl demo` or `python -m vppo_trl.tools.demo` (`--help` for the flags; docs/demo.md explains each
 choice). Everything is built locally, nothing is downloaded:
@@ -15,23 +15,27 @@ choice). Everything is built locally, nothing is downloaded:
    policy to use what it perceives to answer the question.
 4. VPPO: `VPPOTrainer` with the paper's defaults (patch blackening, k3 dependency, 40% of tokens kept, dynamic
    advantage shaping, no KL) and dynamic sampling (groups whose 8 answers all earn the same reward are replaced by
-   fresh prompts), 8 prompts x 8 completions per step.
+   fresh prompts), 8 prompts x 8 completions per step. RL trains the language model; the vision tower, which the
+   warm start taught to tell the colours apart, stays frozen: trained by RL too, it lost the colours' separation in
+   the first steps, and one colour's answer could collapse for good (docs/demo.md, "Why runs stalled").
 5. Vision tokens masked: the policy must never emit `<|image_pad|>` and the other vision special tokens. TRL
    suppresses `<|image_pad|>` while sampling but scores log-probs over the full vocabulary, where a small random
    policy learns to park probability. The output layer gets a frozen bias of -1e4 on those ids, so sampling,
    training, VPPO's perturbed pass and evaluation all see the same masked distribution.
 
-It prints a table while training, then the greedy accuracy on fresh held-out images before and after VPPO, and a
-verdict: LEARNED when the mean reward of the last 20 steps is at least 0.8 and the held-out greedy accuracy at least
-0.9. It writes to `--output-dir` the per-step log (`log.csv`), `summary.json`, a plot (`vppo_demo.png`), the trained
-model (`trainer/`) and its token perception on a held-out image (`spotlight/perception.html`, `.png` and `.json`).
-`--compare grpo` also trains TRL's GRPO from the same warm start and seed, and plots both reward curves.
+It prints a table while training, then the greedy accuracy on fresh held-out images before and after VPPO, overall
+and per colour (with what each colour was mistaken for), and a verdict: LEARNED when the mean reward of the last 20
+steps is at least 0.8 and the held-out greedy accuracy at least 0.9. It writes to `--output-dir` the per-step log
+(`log.csv`), `summary.json`, a plot (`vppo_demo.png`), the trained model (`trainer/`) and its token perception on a
+held-out image (`spotlight/perception.html`, `.png` and `.json`). `--compare grpo` also trains TRL's GRPO from the
+same warm start and seed, and plots both reward curves.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import random
 import time
@@ -72,7 +76,8 @@ PROMPTS_PER_STEP = 8
 NUM_GENERATIONS = 8
 # Completions stop at <|im_end|>; the answer sentence is 7 tokens with it.
 MAX_COMPLETION_LENGTH = 10
-# The vision tower trains at this multiple of the learning rate.
+# The vision tower's learning-rate multiple in benchmarks/learning.py (the demo's RL trained the tower at 5x until it
+# froze it: docs/demo.md, "Why runs stalled").
 VISION_LR_MULTIPLIER = 5.0
 # The VPPOConfig switches of each method the demo (and benchmarks/demo_sweep.py) can train. VPPOTrainer with TGF and
 # TAS off is GRPO (VPPOConfig's docstring), with the same dynamic sampling and settings; its perturbed pass still runs,
@@ -86,8 +91,8 @@ WARM_START_BATCH = 16
 # Measured on seed 0 (docs/demo.md): 200 steps on the description alone reach a held-out description accuracy of 1.0
 # at 1e-3, 0.61 at 3e-3 and 0.34 at 1e-2 (or at 3e-3 with the vision tower at 5x).
 WARM_START_LR = 1e-3
-WARM_START_VISION_LR_MULTIPLIER = 1.0
 EVAL_IMAGES = 128
+NO_COLOUR = "none"
 # Completions sampled for the spotlight of the trained model, as many as a training group.
 SPOTLIGHT_COMPLETIONS = 8
 SPOTLIGHT_DRAWS = 4
@@ -111,7 +116,10 @@ class DemoArguments:
     warm_start_steps: int = field(
         default=200, metadata={"help": "Supervised warm-start steps (perception in another phrasing, answer format)."}
     )
-    learning_rate: float = field(default=1e-3, metadata={"help": "RL learning rate (constant)."})
+    learning_rate: float = field(
+        default=2e-3,
+        metadata={"help": "RL learning rate (constant) of the language model; the vision tower is frozen."},
+    )
     dynamic_sampling: bool = field(
         default=True, metadata={"help": "Replace groups whose completions all earn the same reward (DAPO)."}
     )
@@ -143,11 +151,14 @@ class DemoArguments:
             "help": f"Stop once the mean reward of the last {REWARD_WINDOW} steps reaches this (above 1: never stop)."
         },
     )
-    quick: bool = field(default=False, metadata={"help": "A few steps of each phase, to check that it runs (CI)."})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "A few steps of each phase and one extra generation round at most, to check that it runs."},
+    )
 
     def __post_init__(self):
         if self.quick:
-            self.steps, self.warm_start_steps = 3, 3
+            self.steps, self.warm_start_steps = 2, 2
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.warm_start_steps < 0:
@@ -187,12 +198,17 @@ def user_prompt(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
-def make_question_dataset(n: int, seed: int):
-    """`n` rows of the demo's task (`prompt`, `images`, `answer`), one fresh image each."""
+def make_question_dataset(n: int, seed: int, balanced: bool = False):
+    """`n` rows of the demo's task (`prompt`, `images`, `answer`), one fresh image each; `balanced`: as many of each
+    colour (up to the remainder of `n`), in a random order."""
     from datasets import Dataset
 
     rng = random.Random(seed)
-    colours = [rng.choice(COLOURS) for _ in range(n)]
+    if balanced:
+        colours = [COLOURS[index % len(COLOURS)] for index in range(n)]
+        rng.shuffle(colours)
+    else:
+        colours = [rng.choice(COLOURS) for _ in range(n)]
     images = [[make_shape_image(colour, rng)] for colour in colours]
     return Dataset.from_dict({"prompt": [user_prompt(QUESTION)] * n, "images": images, "answer": colours})
 
@@ -235,20 +251,6 @@ def prompt_texts(processor: Any, prompts: list) -> list[str]:
     return [processor.apply_chat_template(prompt, add_generation_prompt=True) for prompt in prompts]
 
 
-def parameter_groups(model: torch.nn.Module, learning_rate: float, vision_multiplier: float) -> list[dict[str, Any]]:
-    """AdamW groups: the language model at `learning_rate` (first: the Trainer logs the first group's rate), the
-    vision tower at `vision_multiplier` times it."""
-    vision = list(model.model.visual.parameters())
-    vision_ids = {id(p) for p in vision}
-    return [
-        {
-            "params": [p for p in model.parameters() if p.requires_grad and id(p) not in vision_ids],
-            "lr": learning_rate,
-        },
-        {"params": vision, "lr": learning_rate * vision_multiplier},
-    ]
-
-
 def supervised_steps(
     model: torch.nn.Module,
     processor: Any,
@@ -256,7 +258,9 @@ def supervised_steps(
     learning_rate: float = WARM_START_LR,
 ) -> float:
     """One AdamW step per batch of (prompt, image, answer) on the answer's tokens and <|im_end|>; the last loss."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, learning_rate, WARM_START_VISION_LR_MULTIPLIER))
+    optimizer = torch.optim.AdamW(
+        [parameter for parameter in model.parameters() if parameter.requires_grad], learning_rate
+    )
     end_of_turn = processor.tokenizer.eos_token
     model.train()
     loss = torch.tensor(float("nan"))
@@ -309,10 +313,46 @@ def warm_start(
     return supervised_steps(model, processor, batches, learning_rate)
 
 
+def named_colour(text: str) -> str:
+    """The first colour word of an answer, or `NO_COLOUR`."""
+    words = text.replace(".", " ").lower().split()
+    return next((word for word in words if word in COLOURS), NO_COLOUR)
+
+
+@dataclass
+class HeldOut:
+    """The policy's greedy answers on fresh held-out images, as many of each colour.
+
+    `accuracy` and `per_colour` count the rewarded sentence; `confusion[true][named]` counts the answers to images of
+    colour `true` that named colour `named` (`NO_COLOUR` when the answer named none)."""
+
+    accuracy: float
+    per_colour: dict[str, float]
+    confusion: dict[str, dict[str, int]]
+
+    @classmethod
+    def after_training(cls, summary: dict[str, Any]) -> HeldOut:
+        """The evaluation after training, from a run's summary (`run_summary`)."""
+        return cls(summary["greedy_accuracy_after"], summary["per_colour_accuracy_after"], summary["confusion_after"])
+
+    def per_colour_text(self) -> str:
+        return ", ".join(f"{colour} {accuracy:.2f}" for colour, accuracy in self.per_colour.items())
+
+    def confusions(self) -> list[str]:
+        """What the policy answers instead of each colour, most frequent first: `yellow -> red 25/32`."""
+        found = []
+        for colour, named in self.confusion.items():
+            total = sum(named.values())
+            for other, count in named.items():
+                if other != colour and count:
+                    found.append((count, f"{colour} -> {other} {count}/{total}"))
+        return [text for _, text in sorted(found, key=lambda item: -item[0])]
+
+
 @torch.no_grad()
-def greedy_accuracy(model: torch.nn.Module, processor: Any, seed: int, num_images: int = EVAL_IMAGES) -> float:
-    """Share of fresh images whose greedy answer is the rewarded sentence."""
-    rows = make_question_dataset(num_images, seed=seed)[:]
+def held_out_evaluation(model: torch.nn.Module, processor: Any, seed: int, num_images: int = EVAL_IMAGES) -> HeldOut:
+    """Greedy answers on `num_images` fresh images (as many of each colour): accuracy, per colour and confusion."""
+    rows = make_question_dataset(num_images, seed=seed, balanced=True)[:]
     was_training = model.training
     model.eval()
     inputs = processor(
@@ -321,7 +361,14 @@ def greedy_accuracy(model: torch.nn.Module, processor: Any, seed: int, num_image
     output = model.generate(**inputs, max_new_tokens=MAX_COMPLETION_LENGTH, do_sample=False)
     answers = processor.batch_decode(output[:, inputs["input_ids"].size(1) :], skip_special_tokens=True)
     model.train(was_training)
-    return sum(sentence_reward(answers, rows["answer"])) / num_images
+    rewards = sentence_reward(answers, rows["answer"])
+    confusion = {colour: dict.fromkeys((*COLOURS, NO_COLOUR), 0) for colour in COLOURS}
+    right = dict.fromkeys(COLOURS, 0.0)
+    for colour, answer, reward in zip(rows["answer"], answers, rewards, strict=True):
+        confusion[colour][named_colour(answer)] += 1
+        right[colour] += reward
+    per_colour = {colour: right[colour] / sum(confusion[colour].values()) for colour in COLOURS}
+    return HeldOut(sum(rewards) / num_images, per_colour, confusion)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,7 +439,8 @@ def make_table_callback(print_every: int, answer_tokens: int):
             if logs is None or "reward" not in logs:
                 return
             self.rewards.append(logs["reward"])
-            if state.global_step % print_every and state.global_step != state.max_steps:
+            last = state.global_step == state.max_steps or control.should_training_stop  # the stop callback runs first
+            if state.global_step % print_every and not last:
                 return
             row = f"{state.global_step:>5} {logs['reward']:>7.3f} {window_mean(self.rewards):>7.3f}"
             metrics = TABLE_METRICS if hasattr(args, "token_filter_ratio") else ()
@@ -474,7 +522,7 @@ class WarmStart:
     processor: Any
     masked: list[int]
     loss: float
-    accuracy: float
+    held_out: HeldOut
 
 
 def build_warm_start(args: DemoArguments, folder: Path) -> WarmStart:
@@ -491,7 +539,7 @@ def build_warm_start(args: DemoArguments, folder: Path) -> WarmStart:
     processor.save_pretrained(folder)
     masked = suppressed_token_ids(processor)
     policy = load_policy(folder, masked)
-    return WarmStart(folder, processor, masked, loss, greedy_accuracy(policy, processor, seed=args.seed + 2))
+    return WarmStart(folder, processor, masked, loss, held_out_evaluation(policy, processor, seed=args.seed + 2))
 
 
 def load_policy(folder: Path, masked: list[int]) -> torch.nn.Module:
@@ -502,14 +550,26 @@ def load_policy(folder: Path, masked: list[int]) -> torch.nn.Module:
     return policy
 
 
-def train_policy(method: str, args: DemoArguments, start: WarmStart, output_dir: Path, verbose: bool = True):
+def train_policy(
+    method: str,
+    args: DemoArguments,
+    start: WarmStart,
+    output_dir: Path,
+    verbose: bool = True,
+    reward_func: Callable[..., list[float]] = sentence_reward,
+    callbacks: Iterable[Any] = (),
+):
     """Train the warm-start policy with `method` (a key of `TRAINING_METHODS`); all get the same data, seed and
-    settings."""
+    settings. `reward_func` (named like `sentence_reward`) and `callbacks` let a benchmark watch the run."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .. import VPPOConfig, VPPOTrainer
 
     policy = load_policy(start.folder, start.masked)
+    # The warm start taught the vision tower to tell the colours apart; RL teaches the language model to answer with
+    # what it sees. Trained by RL too, the tower lost the colours' separation in the first steps, and the answer of
+    # one colour could collapse before RL had linked it to the image (docs/demo.md, "Why runs stalled").
+    policy.model.visual.requires_grad_(False)
     settings = dict(
         output_dir=str(output_dir),
         max_steps=args.steps,
@@ -520,6 +580,8 @@ def train_policy(method: str, args: DemoArguments, start: WarmStart, output_dir:
         beta=0.0,
         dynamic_sampling=args.dynamic_sampling,
         dynamic_sampling_reward=sentence_reward.__name__,
+        # A quick run's policy earns no reward: every round is uninformative, one extra round shows as much as five.
+        **({"dynamic_sampling_max_rounds": 1} if args.quick else {}),
         bf16=False,  # float32 on CPU: the same numbers on every machine, and faster than autocast for ops this small
         gradient_checkpointing=False,  # TRL turns it on by default; a model this small does not need to save memory
         learning_rate=args.learning_rate,
@@ -537,29 +599,28 @@ def train_policy(method: str, args: DemoArguments, start: WarmStart, output_dir:
         config = VPPOConfig(
             **settings, **TRAINING_METHODS[method], dependency_estimator=args.estimator, perturbation=args.perturbation
         )
-    # Fresh images for every prompt the run can draw, dynamic sampling's extra ones included.
-    train_dataset = make_question_dataset(4 * args.steps * PROMPTS_PER_STEP, seed=args.seed + 3)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(policy, args.learning_rate, VISION_LR_MULTIPLIER), lr=args.learning_rate, weight_decay=0.0
-    )
+    # Fresh images for every prompt the run can draw: each step generates on at most 1 + max_rounds batches.
+    prompts = (1 + config.dynamic_sampling_max_rounds) * args.steps * PROMPTS_PER_STEP
+    train_dataset = make_question_dataset(prompts, seed=args.seed + 3)
     trainer = VPPOTrainer(
         model=policy,
-        reward_funcs=sentence_reward,
+        reward_funcs=reward_func,
         args=config,
         train_dataset=train_dataset,
         processing_class=start.processor,
-        optimizers=(optimizer, None),  # the scheduler (constant) is built by the Trainer, per parameter group
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(make_stop_callback(args.stop_reward))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if verbose:
         answer_tokens = len(start.processor.tokenizer(answer_sentence("red") + "<|im_end|>").input_ids)
         trainer.add_callback(make_table_callback(max(1, args.steps // 10), answer_tokens))
         print(
             f"{method.upper()}: {args.steps} steps of {PROMPTS_PER_STEP} prompts x {NUM_GENERATIONS} completions, "
             f"dynamic sampling {'on' if args.dynamic_sampling else 'off'}, lr {args.learning_rate} (vision tower "
-            f"x{VISION_LR_MULTIPLIER:g}), no KL"
+            f"frozen), no KL"
             + (f", {args.estimator}, {args.perturbation}, keeps {config.token_filter_ratio:.0%} of tokens." if
                method != "grpo" else ".")
         )  # fmt: skip
@@ -570,7 +631,7 @@ def train_policy(method: str, args: DemoArguments, start: WarmStart, output_dir:
 def run_summary(method: str, trainer, start: WarmStart, args: DemoArguments, seconds: float) -> dict[str, Any]:
     """What a user reads of one training run: rewards, the step it reached the bar, held-out accuracy, verdict."""
     rewards = [row["reward"] for row in step_logs(trainer.state.log_history)]
-    accuracy = greedy_accuracy(trainer.model, start.processor, seed=args.seed + 2)
+    held_out = held_out_evaluation(trainer.model, start.processor, seed=args.seed + 2)
     end_reward = window_mean(rewards)
     return {
         "method": method,
@@ -579,18 +640,25 @@ def run_summary(method: str, trainer, start: WarmStart, args: DemoArguments, sec
         "end_reward": end_reward,
         "steps_trained": trainer.state.global_step,
         "step_reaching_0.8": first_step_reaching(rewards),
-        "greedy_accuracy_before": start.accuracy,
-        "greedy_accuracy_after": accuracy,
-        "learned": end_reward >= LEARNED_REWARD and accuracy >= LEARNED_ACCURACY,
+        "greedy_accuracy_before": start.held_out.accuracy,
+        "greedy_accuracy_after": held_out.accuracy,
+        "per_colour_accuracy_before": start.held_out.per_colour,
+        "per_colour_accuracy_after": held_out.per_colour,
+        "confusion_after": held_out.confusion,
+        "learned": end_reward >= LEARNED_REWARD and held_out.accuracy >= LEARNED_ACCURACY,
         "train_seconds": seconds,
     }
 
 
-def timed_training(method: str, args: DemoArguments, start: WarmStart, output_dir: Path, verbose: bool = True):
-    """`train_policy` and its `run_summary`."""
-    began = time.perf_counter()
-    trainer = train_policy(method, args, start, output_dir, verbose)
-    return trainer, run_summary(method, trainer, start, args, time.perf_counter() - began)
+def timed_training(
+    method: str, args: DemoArguments, start: WarmStart, output_dir: Path, verbose: bool = True, **watch: Any
+):
+    """`train_policy` (`watch`: its `reward_func` and `callbacks`) and its `run_summary`, with the training's CPU
+    time (this process's: on a shared machine it says how much work the run was, the wall time how long it took)."""
+    began, cpu = time.perf_counter(), time.process_time()
+    trainer = train_policy(method, args, start, output_dir, verbose, **watch)
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
+    return trainer, {**run_summary(method, trainer, start, args, seconds), "train_cpu_seconds": cpu_seconds}
 
 
 def save_trained_model(trainer, processor: Any, masked: list[int], folder: Path) -> None:
@@ -600,7 +668,12 @@ def save_trained_model(trainer, processor: Any, masked: list[int], folder: Path)
     """
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.generation_config.suppress_tokens = masked
-    trainer.save_model(str(folder))
+    lm_head = model.get_output_embeddings()
+    bias, lm_head.bias = lm_head.bias, None  # saved, it would load as an unexpected key
+    try:
+        trainer.save_model(str(folder))
+    finally:
+        lm_head.bias = bias
     processor.save_pretrained(str(folder))
 
 
@@ -647,7 +720,36 @@ def verdict(summary: dict[str, Any], quick: bool) -> str:
         return f"quick run, too short to judge learning: {change}"
     if summary["learned"]:
         return f"LEARNED to read the colour from the image: {change}"
-    return f"did NOT learn: {change} (learned means >= {LEARNED_REWARD} and >= {LEARNED_ACCURACY})"
+    mistakes = HeldOut.after_training(summary).confusions()
+    return f"did NOT learn: {change} (learned means >= {LEARNED_REWARD} and >= {LEARNED_ACCURACY})" + (
+        f"; held-out answers confused {', '.join(mistakes)}" if mistakes else ""
+    )
+
+
+def held_out_lines(summary: dict[str, Any], method: str) -> list[str]:
+    """The held-out accuracy before and after, per colour, and what each colour was mistaken for."""
+    after = HeldOut.after_training(summary)
+    mistakes = after.confusions()
+    return [
+        f"Held-out greedy accuracy on {EVAL_IMAGES} fresh images ({EVAL_IMAGES // len(COLOURS)} of each colour): "
+        f"{summary['greedy_accuracy_before']:.2f} before {method} -> {after.accuracy:.2f} after. Training "
+        f"{summary['train_seconds']:.0f} s.",
+        f"  per colour after {method}: {after.per_colour_text()}"
+        + (f"; confused (true -> answered): {', '.join(mistakes)}." if mistakes else "; no colour confused."),
+    ]
+
+
+def topped_up_line(rows: list[dict[str, Any]]) -> str | None:
+    """What dynamic sampling could not fill, said once (the library's own warning is silenced by the demo)."""
+    short = [row for row in rows if row.get("dynamic_sampling/round_limit_reached")]
+    if not short:
+        return None
+    fills = [row["dynamic_sampling/batch_fill"] for row in short]
+    return (
+        f"Dynamic sampling: {len(short)} of {len(rows)} steps trained on a batch it could not fill with informative "
+        f"groups within its extra generation rounds (mean fill {sum(fills) / len(fills):.2f}; the rest of the batch "
+        "carries no gradient)."
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m vppo_trl.tools.demo") -> dict[str, Any]:
@@ -657,12 +759,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m vppo_trl.tools.de
         return run(args)
 
 
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 class quiet_libraries:
     """One torch thread, errors-only library logging and no progress bars, restored on exit.
+
+    Silenced while the demo runs, each where it is emitted and only for the demo's call: transformers' logging below
+    errors, FutureWarnings, the dynamic-sampling shortfall warning (the demo prints its own count, `topped_up_line`)
+    and DeepSpeed's start-up line "Setting accelerator to CPU", which it logs when first imported (accelerate imports
+    it, when it is installed, to unwrap a model: every `save_pretrained`).
 
     The tiny model's ops are too short to gain from intra-op threads: on 2 idle cores, 2 threads were 16% faster than
     1, but on 2 cores shared with other jobs 5x slower.
     """
+
+    QUIET_LOGGERS = ("DeepSpeed", "vppo_trl.longrun.dynamic_sampling")
 
     def __enter__(self):
         from transformers.utils import logging as hf_logging
@@ -672,6 +786,9 @@ class quiet_libraries:
         torch.set_num_threads(1)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        self.filter = _BelowError()
+        for name in self.QUIET_LOGGERS:
+            logging.getLogger(name).addFilter(self.filter)
         self.warnings = warnings.catch_warnings()
         self.warnings.__enter__()
         warnings.simplefilter("ignore", FutureWarning)  # deprecation notices of the libraries, not of the demo
@@ -681,6 +798,8 @@ class quiet_libraries:
         from transformers.utils import logging as hf_logging
 
         self.warnings.__exit__(*exc_info)
+        for name in self.QUIET_LOGGERS:
+            logging.getLogger(name).removeFilter(self.filter)
         torch.set_num_threads(self.threads)
         hf_logging.set_verbosity(self.verbosity)
         if self.progress_bars:
@@ -697,8 +816,9 @@ def run(args: DemoArguments) -> dict[str, Any]:
     )
     start = build_warm_start(args, output_dir / "warm_start")
     print(
-        f"  loss {start.loss:.3f}; held-out greedy accuracy {start.accuracy:.2f} (chance {CHANCE_REWARD:.2f}). "
-        f"Masked (never emitted): {start.processor.tokenizer.convert_ids_to_tokens(start.masked)}."
+        f"  loss {start.loss:.3f}; held-out greedy accuracy {start.held_out.accuracy:.2f} (chance "
+        f"{CHANCE_REWARD:.2f}; per colour {start.held_out.per_colour_text()}). Masked (never emitted): "
+        f"{start.processor.tokenizer.convert_ids_to_tokens(start.masked)}."
     )
     trainer, summary = timed_training("vppo", args, start, output_dir / "trainer")
     model_dir = Path(trainer.args.output_dir)
@@ -719,13 +839,12 @@ def run(args: DemoArguments) -> dict[str, Any]:
         plot=str(plot_path),
         model=str(model_dir),
     )
+    for line in (topped_up_line(rows), *held_out_lines(summary, "VPPO")):
+        if line:
+            print(line)
     if args.spotlight:
         paths = spotlight_trained_model(trainer.model, start.processor, args, trainer.state.global_step)
         summary.update(spotlight=str(paths["perception.html"]), spotlight_png=str(paths["perception.png"]))
-    print(
-        f"Held-out greedy accuracy on {EVAL_IMAGES} fresh images: {summary['greedy_accuracy_before']:.2f} before VPPO "
-        f"-> {summary['greedy_accuracy_after']:.2f} after. Training {summary['train_seconds']:.0f} s."
-    )
     print(f"Per-step log: {csv_path}; summary: {summary_path}; trained model: {model_dir}")
     print(f"Verdict: {verdict(summary, args.quick)}. Plot: {plot_path}")
 
@@ -738,6 +857,9 @@ def run(args: DemoArguments) -> dict[str, Any]:
         plot_comparison({"VPPO": rows, "GRPO": grpo_rows}, comparison_path, title=title)
         summary.update(grpo={key: grpo_summary[key] for key in grpo_summary if key not in ("method", "seed")})
         summary["comparison_plot"] = str(comparison_path)
+        for line in (topped_up_line(grpo_rows), *held_out_lines(grpo_summary, "GRPO")):
+            if line:
+                print(line)
         print(f"GRPO verdict: {verdict(grpo_summary, args.quick)}. Plot: {comparison_path}")
     summary["total_seconds"] = time.perf_counter() - began
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
