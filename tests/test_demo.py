@@ -56,8 +56,11 @@ def test_quick_demo_writes_table_log_summary_and_plot(quick_run):
     assert [int(float(row["step"])) for row in rows] == list(range(1, QUICK_STEPS + 1))
     for key in ("reward", "vppo/advantage_scale_max", "vppo/skipped_fraction", "dynamic_sampling/batch_fill"):
         assert key in rows[0]
-    # The learning rate logged is the one the banner prints
-    assert {float(row["learning_rate"]) for row in rows} == {summary["learning_rate"]}
+    # The learning rate logged rises over the warm-up to the one the banner prints
+    peak, warmup = summary["learning_rate"], summary["warmup_steps"]
+    expected = [peak * min(1.0, step / warmup) for step in range(QUICK_STEPS)]  # the rate each step trained at
+    assert [float(row["learning_rate"]) for row in rows] == pytest.approx(expected)
+    assert f"lr {peak} after {warmup} warm-up steps" in printed
 
     assert isinstance(summary["learned"], bool) and not summary["learned"]
     assert 0.0 <= summary["greedy_accuracy_after"] <= 1.0 and summary["train_seconds"] > 0

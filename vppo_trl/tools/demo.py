@@ -118,7 +118,16 @@ class DemoArguments:
     )
     learning_rate: float = field(
         default=2e-3,
-        metadata={"help": "RL learning rate (constant) of the language model; the vision tower is frozen."},
+        metadata={
+            "help": "RL learning rate of the language model (constant after the warm-up); the vision tower is frozen."
+        },
+    )
+    warmup_steps: int = field(
+        default=5,
+        metadata={
+            "help": "RL steps over which the learning rate rises linearly from 0. Adam's first step moves every "
+            "weight by the full rate whatever its gradient; at 2e-3 that could break the answer's format for good."
+        },
     )
     dynamic_sampling: bool = field(
         default=True, metadata={"help": "Replace groups whose completions all earn the same reward (DAPO)."}
@@ -163,6 +172,8 @@ class DemoArguments:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.warm_start_steps < 0:
             raise ValueError(f"--warm-start-steps must be >= 0, got {self.warm_start_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m vppo_trl.tools.demo") -> DemoArguments:
@@ -585,7 +596,8 @@ def train_policy(
         bf16=False,  # float32 on CPU: the same numbers on every machine, and faster than autocast for ops this small
         gradient_checkpointing=False,  # TRL turns it on by default; a model this small does not need to save memory
         learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=args.warmup_steps,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -619,8 +631,8 @@ def train_policy(
         trainer.add_callback(make_table_callback(max(1, args.steps // 10), answer_tokens))
         print(
             f"{method.upper()}: {args.steps} steps of {PROMPTS_PER_STEP} prompts x {NUM_GENERATIONS} completions, "
-            f"dynamic sampling {'on' if args.dynamic_sampling else 'off'}, lr {args.learning_rate} (vision tower "
-            f"frozen), no KL"
+            f"dynamic sampling {'on' if args.dynamic_sampling else 'off'}, lr {args.learning_rate} after "
+            f"{args.warmup_steps} warm-up steps (vision tower frozen), no KL"
             + (f", {args.estimator}, {args.perturbation}, keeps {config.token_filter_ratio:.0%} of tokens." if
                method != "grpo" else ".")
         )  # fmt: skip
@@ -833,6 +845,7 @@ def run(args: DemoArguments) -> dict[str, Any]:
         estimator=args.estimator,
         perturbation=args.perturbation,
         learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
         dynamic_sampling=args.dynamic_sampling,
         dynamic_sampling_reward=sentence_reward.__name__,
         log=str(csv_path),
