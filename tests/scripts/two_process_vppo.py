@@ -13,6 +13,7 @@ import sys
 from datasets import Dataset
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+import vppo_trl.method.shaping as shaping_module
 import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
@@ -42,8 +43,8 @@ class Recorder:
         self.tas, self.balanced, self.images_per_step = [], [], []
 
     def __enter__(self) -> "Recorder":
-        original_scales = trainer_module.advantage_scales
-        original_balance = trainer_module.sign_balanced_scales
+        original_scales = shaping_module.advantage_scales
+        original_balance = shaping_module.sign_balanced_scales
         original_apply = trainer_module.VPPOTrainer._apply_visual_dependency
         self.originals = (original_scales, original_balance, original_apply)
 
@@ -62,15 +63,15 @@ class Recorder:
             self.images_per_step.append(sum(batch.get("num_images") or []))
             return original_apply(trainer, batch)
 
-        trainer_module.advantage_scales = recording_scales
-        trainer_module.sign_balanced_scales = recording_balance
+        shaping_module.advantage_scales = recording_scales
+        shaping_module.sign_balanced_scales = recording_balance
         trainer_module.VPPOTrainer._apply_visual_dependency = recording_apply
         return self
 
     def __exit__(self, *exc_info) -> None:
         scales, balance, apply = self.originals
-        trainer_module.advantage_scales = scales
-        trainer_module.sign_balanced_scales = balance
+        shaping_module.advantage_scales = scales
+        shaping_module.sign_balanced_scales = balance
         trainer_module.VPPOTrainer._apply_visual_dependency = apply
 
 
