@@ -216,32 +216,34 @@ def test_regrade_gives_the_run_and_follows_edited_samples(workspace, tmp_path):
     assert read_jsonl(output / "samples.jsonl")[0]["extracted"] == samples[0]["answer"]
 
 
-def test_interrupted_run_resumes_to_the_same_results(workspace, tmp_path):
+def test_interrupted_run_resumes_to_the_same_results(workspace, tmp_path, warm_python):
     """A real process killed with SIGKILL half-way, restarted, ends with the uninterrupted run's results."""
     write_paper_data(tmp_path, {"hiyouga_geometry3k": "open"}, count=24, seed=5)
-    command = [sys.executable, "-m", "vppo_trl.tools.eval", "--model", str(workspace / "model"),
-               "--benchmarks", "geo3k",
+    command = ["-m", "vppo_trl.tools.eval", "--model", str(workspace / "model"), "--benchmarks", "geo3k",
                "--data-root", str(tmp_path / "vppo-eval" / "data"), "--k", "2", "--max-new-tokens", "48",
                "--batch-size", "1", "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*command, "--output-dir", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    env = {"OMP_NUM_THREADS": "1"}
+    assert warm_python.run([*command, "--output-dir", str(tmp_path / "straight")], tmp_path / "straight.log", env) == 0
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([*command, "--output-dir", str(interrupted)], env=env, stderr=subprocess.DEVNULL)
+    process = warm_python.start([*command, "--output-dir", str(interrupted)], tmp_path / "killed.log", env)
     part = interrupted / "samples.part0.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and process.exitcode is None:
         if part.is_file() and len(part.read_text().splitlines()) >= 6:
             break
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
     written = len(part.read_text().splitlines())
     assert not (interrupted / "results.json").exists() and 6 <= written < 48, written
 
-    resumed = subprocess.run([*command, "--output-dir", str(interrupted)], env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    progress = resumed.stderr.split("Evaluating:")[1]
+    resumed_log = tmp_path / "resumed.log"
+    assert warm_python.run([*command, "--output-dir", str(interrupted)], resumed_log, env) == 0, (
+        resumed_log.read_text()
+    )
+    progress = resumed_log.read_text().split("Evaluating:")[1]
     assert f"/{24 - written // 2}" in progress  # only the problems missing after the kill were generated
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())
     assert json.loads((interrupted / "results.json").read_text()) == straight
