@@ -195,7 +195,10 @@ def test_stop_rule_counts_optimizer_steps_not_micro_batches(tmp_path, monkeypatc
     )  # fmt: skip
     snapshot = Snapshot(trainer)
     trainer.add_callback(snapshot)
-    with pytest.raises(RuntimeError, match=r"^Step 3: the training loss was NaN or infinite 2 times in a row"):
+    with (
+        pytest.warns(UserWarning, match=r"^Step 2: the training loss is NaN or infinite on 1 of 1 process"),
+        pytest.raises(RuntimeError, match=r"^Step 3: the training loss was NaN or infinite 2 times in a row"),
+    ):
         trainer.train()
     assert sorted(snapshot.weights) == [0, 1, 2]  # step 3 raised before it ended
     assert snapshot.moved(1) >= 20 and snapshot.moved(2) == 0
@@ -256,12 +259,19 @@ def test_fp16_loss_scaler_skips_a_nonfinite_step(tmp_path, monkeypatch, fault):
             skipped_by_accelerate.append(trainer.accelerator.optimizer_step_was_skipped)
 
     trainer.add_callback(StepWasSkipped())
-    trainer.train()
+    counted = fault != "nan_gradients"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    reports = [str(warning.message) for warning in caught if "NaN or infinite" in str(warning.message)]
+    # The guard reports the step it skipped; a step the scaler skipped on its own is the scaler's business
+    assert [report.split(";")[0] for report in reports] == (
+        ["Step 2: the training loss is NaN or infinite on 1 of 1 process(es) (here: nan)"] if counted else []
+    )
     assert snapshot.moved(1) >= 20 and snapshot.moved(2) == 0 and snapshot.moved(3) >= 20
     for index, state in snapshot.optimizer_states[1].items():
         for key, value in state.items():
             assert torch.equal(value, snapshot.optimizer_states[2][index][key]), (index, key)
-    counted = fault != "nan_gradients"
     if counted:  # the guard withheld the step: accelerate sees it skipped, and the learning-rate schedule holds
         assert skipped_by_accelerate == [False, True, False]
     # Otherwise the fused AdamW (the Trainer's default) skips inside its own kernel, where accelerate cannot see it.

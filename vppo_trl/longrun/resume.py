@@ -150,6 +150,7 @@ class ExactResumeMixin(SharedStateMixin):
         super().__init__(*args, **kwargs)
         self._train_sampler = None
         self._epoch_sampler_state: torch.Tensor | None = None
+        self._failed_hub_pushes = 0  # in this `train()` call: the first is reported, the rest counted
         self.add_callback(_EpochStartCallback(self))
 
     # -- what goes into the checkpoint ----------------------------------------------------------------------------
@@ -199,12 +200,15 @@ class ExactResumeMixin(SharedStateMixin):
         # A failed upload (network, permissions, quota) must not stop a day-long run or touch local checkpoints.
         try:
             super()._push_from_checkpoint(checkpoint_folder)
-        except Exception as error:  # noqa: BLE001 - any upload failure, reported and counted
-            warnings.warn(
-                f"Pushing {checkpoint_folder} to the Hub failed ({type(error).__name__}: {error}); training goes on "
-                "and the local checkpoint is kept.",
-                stacklevel=2,
-            )
+        except Exception as error:  # noqa: BLE001 - any upload failure, reported once and counted
+            self._failed_hub_pushes += 1
+            if self._failed_hub_pushes == 1:
+                warnings.warn(
+                    f"Pushing {checkpoint_folder} to the Hub failed ({type(error).__name__}: {error}); training goes "
+                    "on and the local checkpoint is kept. Further failed pushes are not reported one by one: they "
+                    "are logged as hub/push_failures and counted when training ends.",
+                    stacklevel=2,
+                )
             self._metrics["train"]["hub/push_failures"].append(1.0)
 
     # -- resuming ---------------------------------------------------------------------------------------------------
@@ -218,10 +222,17 @@ class ExactResumeMixin(SharedStateMixin):
         if resume_from_checkpoint:
             resume_from_checkpoint = str(resume_from_checkpoint)
             self.shared.resumed = self._read_training_state(resume_from_checkpoint)
+        self._failed_hub_pushes = 0
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self.shared.resumed = None
+            if self._failed_hub_pushes > 1:
+                warnings.warn(
+                    f"{self._failed_hub_pushes} checkpoint pushes to the Hub failed in this run (logged as "
+                    "hub/push_failures); the local checkpoints are kept.",
+                    stacklevel=2,
+                )
 
     def _read_training_state(self, checkpoint: str) -> dict[str, Any] | None:
         if not os.path.isdir(checkpoint):
