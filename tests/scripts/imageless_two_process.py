@@ -4,22 +4,11 @@ the other has images; trains VPPO two steps on a tiny model of the given family 
 import json
 import sys
 
-from datasets import Dataset
+from two_process_vppo import alternating_text_dataset  # the scripts folder is on sys.path
 
 import vppo_trl.method.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.testing import build_family, exit_cleanly, make_colour_dataset
-
-
-def alternating_text_dataset(rows: int) -> Dataset:
-    """Rows in pairs: two with an image, then two text-only; unshuffled, so one process gets only text each step."""
-    images = make_colour_dataset(rows // 2, seed=3)
-    records = []
-    for start in range(0, rows // 2, 2):
-        records += [dict(images[start + offset]) for offset in range(2)]
-        text = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}]
-        records += [{"prompt": text, "images": [], "answer": "red"}] * 2
-    return Dataset.from_list(records)
+from vppo_trl.testing import build_family, exit_cleanly
 
 
 def alternating_reward(completions, **kwargs) -> list[float]:
