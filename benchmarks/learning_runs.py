@@ -99,7 +99,7 @@ def build_warm_start(output_dir: Path, task: str, seed: int, steps: int, seen_sh
 def make_recording_trainer_class():
     from vppo_trl import VPPOTrainer
     from vppo_trl.method.core import sign_scale_gap
-    from vppo_trl.method.trainer import loss_mask
+    from vppo_trl.trainer import loss_mask
 
     class RecordingTrainer(VPPOTrainer):
         """VPPOTrainer that also logs where the colour token is and what TGF does with it (metrics only)."""

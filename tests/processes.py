@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 # Imported once by the fork server: what the scripts and benchmarks started here import.
-PRELOADED = ("torch", "transformers", "trl", "peft", "datasets", "vppo_trl.method.trainer", "vppo_trl.testing")
+PRELOADED = ("torch", "transformers", "trl", "peft", "datasets", "vppo_trl.trainer", "vppo_trl.testing")
 
 
 def run_python(arguments: list[str], log_path: str, env: dict[str, str], cwd: str) -> None:

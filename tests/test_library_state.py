@@ -7,7 +7,7 @@ import textwrap
 
 IMPORTS = """
 import json, sys
-import vppo_trl.method.trainer
+import vppo_trl.trainer
 print(json.dumps(sorted(sys.modules)))
 """
 
@@ -28,7 +28,7 @@ NOT_FOR_TRAINING = (
 def test_importing_the_trainer_loads_no_viewer_cli_eval_demo_or_testing_module():
     printed = subprocess.run([sys.executable, "-c", IMPORTS], check=True, capture_output=True, text=True).stdout
     loaded = json.loads(printed.strip().splitlines()[-1])
-    assert "vppo_trl.method.trainer" in loaded
+    assert "vppo_trl.trainer" in loaded
     unwanted = [name for name in loaded if any(name == m or name.startswith(f"{m}.") for m in NOT_FOR_TRAINING)]
     assert unwanted == []
 

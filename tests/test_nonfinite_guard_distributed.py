@@ -19,7 +19,7 @@ from test_multiprocess import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from test_trainer import final_parameters, make_trainer
 from transformers import TrainerCallback
 
-import vppo_trl.method.trainer as trainer_module
+import vppo_trl.trainer as trainer_module
 
 SCRIPT = Path(__file__).parent / "scripts" / "nonfinite_two_process.py"
 

@@ -25,7 +25,7 @@ from processes import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from safetensors.torch import load_file
 from test_trainer import final_parameters, length_reward, make_trainer, vppo_args
 
-import vppo_trl.method.trainer as trainer_module
+import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOTrainer
 from vppo_trl.longrun.resume import COMPLETE_MARKER, load_full_weights, newest_complete_checkpoint
 from vppo_trl.method.core import (

@@ -14,10 +14,10 @@ from trl.trainer.utils import shuffle_sequence_dict, split_pixel_values_by_grid,
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.method.batch_rows import select_rows
 from vppo_trl.method.passes import COMPLETION_INDEX_KEY
-from vppo_trl.method.trainer import DEFERRED_KEY
 from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
 from vppo_trl.tools.spotlight import pixels_to_pil
 from vppo_trl.tools.spotlight_callback import SpotlightCallback, first_measured_group
+from vppo_trl.trainer import DEFERRED_KEY
 
 
 def length_reward(completions, **kwargs) -> list[float]:

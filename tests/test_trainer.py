@@ -16,7 +16,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import vppo_trl.method.passes as passes_module
 import vppo_trl.method.shaping as shaping_module
-import vppo_trl.method.trainer as trainer_module
+import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.method.batch_rows import model_inputs
 from vppo_trl.method.perturbations import perturb_original_images, perturb_pixel_values

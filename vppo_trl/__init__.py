@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 # Imported on first use, so that `vppo-trl --help` and the pure functions do not pay for importing TRL.
 _EXPORTS = {
     "VPPOConfig": ".method.config",
-    "VPPOTrainer": ".method.trainer",
+    "VPPOTrainer": ".trainer",
     "advantage_scales": ".method.core",
     "token_dependency": ".method.core",
     "top_dependency_mask": ".method.core",
@@ -27,7 +27,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .method.config import VPPOConfig
     from .method.core import advantage_scales, token_dependency, top_dependency_mask, trajectory_dependency
-    from .method.trainer import VPPOTrainer
+    from .trainer import VPPOTrainer
 
 
 def __getattr__(name: str):

@@ -34,8 +34,8 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from .command_line import CommandLineParser, did_you_mean
 from .data import ON_BAD_ROW_CHOICES, BadInputError, DataReport, load_vppo_dataset
 from .method.config import VPPOConfig
-from .method.trainer import VPPOTrainer
 from .rewards import REWARD_FUNCTIONS, resolve_reward_functions
+from .trainer import VPPOTrainer
 
 # Prefixes that make a model or dataset name a local path rather than a Hub id.
 LOCAL_PATH_PREFIXES = (".", "/", "~")

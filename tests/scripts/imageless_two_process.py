@@ -6,7 +6,7 @@ import sys
 
 from two_process_vppo import alternating_text_dataset  # the scripts folder is on sys.path
 
-import vppo_trl.method.trainer as trainer_module
+import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import build_family, exit_cleanly
 

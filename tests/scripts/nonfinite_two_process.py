@@ -23,7 +23,7 @@ from datasets import Dataset
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-import vppo_trl.method.trainer as trainer_module
+import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
 

@@ -14,7 +14,7 @@ from datasets import Dataset
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import vppo_trl.method.shaping as shaping_module
-import vppo_trl.method.trainer as trainer_module
+import vppo_trl.trainer as trainer_module
 from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
 

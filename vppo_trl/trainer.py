@@ -13,16 +13,16 @@ from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from ..data import check_prompt_lengths
-from ..longrun.dynamic_sampling import DynamicSamplingMixin
-from ..longrun.guards import NonFiniteLossGuardMixin
-from ..longrun.imageless import ImagelessProcessMixin
-from ..longrun.resume import ExactResumeMixin
-from .config import VPPOConfig
-from .core import TOKEN_SUM_LOSS_TYPES, entropy_penalty, token_dependency
-from .model_card import append_vppo_section
-from .passes import VisualDependencyPassesMixin
-from .shaping import ShapingSettings, shape_advantages
+from .data import check_prompt_lengths
+from .longrun.dynamic_sampling import DynamicSamplingMixin
+from .longrun.guards import NonFiniteLossGuardMixin
+from .longrun.imageless import ImagelessProcessMixin
+from .longrun.resume import ExactResumeMixin
+from .method.config import VPPOConfig
+from .method.core import TOKEN_SUM_LOSS_TYPES, entropy_penalty, token_dependency
+from .method.model_card import append_vppo_section
+from .method.passes import VisualDependencyPassesMixin
+from .method.shaping import ShapingSettings, shape_advantages
 
 logger = logging.get_logger(__name__)
 
@@ -88,7 +88,7 @@ class VPPOTrainer(
         self._loss_forward: LossForward | None = None  # the loss being computed, while `_compute_loss` runs
         self._warned_without_images = False
         if args.spotlight_steps > 0:
-            from ..tools.spotlight_callback import SpotlightCallback  # the viewer is loaded only when it is asked for
+            from .tools.spotlight_callback import SpotlightCallback  # the viewer is loaded only when it is asked for
 
             self.add_callback(SpotlightCallback(self))
         columns = getattr(self.train_dataset, "column_names", None)
