@@ -44,8 +44,8 @@ ADDED_LAUNCH_FLAGS = ["--mixed_precision", "no"]
 RECIPE_OVERRIDES = {
     "model_name_or_path": "./tiny-qwen2.5-vl",  # a tiny random Qwen2.5-VL, as `vppo-trl tiny` writes it
     "dataset_name": "./tiny-virl39k.parquet",  # ViRL39K's layout (question, answer, image paths under ViRL39K/)
-    # CPU: the processes on the CPU (on a machine without GPUs the launch would otherwise give each one a world of
-    # its own), in float32
+    # CPU, in float32. Without use_cpu, accelerate finds no GPU backend and counts each process as a world of one, and
+    # DeepSpeed refuses the batch size computed from it (16 != 8 * 2 * 2).
     "use_cpu": "true",
     "dtype": "float32",
     "bf16": "false",
