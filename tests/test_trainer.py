@@ -860,3 +860,17 @@ def test_warns_once_for_data_without_images(tmp_path):
     messages = [str(w.message) for w in caught if "no images" in str(w.message)]
     assert len(messages) == 1
     assert trainer.state.global_step == 2
+
+
+def test_a_text_only_batch_from_data_with_images_is_not_called_data_without_images(tmp_path):
+    """A process whose generation batch holds only text prompts (a mixed dataset's share, or a text-only rank) trains
+    on data that has images: no warning that the data has none."""
+    images = make_colour_dataset(4, seed=3)
+    text = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}]
+    dataset = Dataset.from_list([{"prompt": text, "images": [], "answer": "red"}] * 8 + [dict(row) for row in images])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp_path, dataset=dataset, max_steps=1, shuffle_dataset=False)
+        trainer.train()
+    assert [str(w.message) for w in caught if "no images" in str(w.message)] == []
+    assert trainer.state.global_step == 1

@@ -87,13 +87,17 @@ class VPPOTrainer(
             tokenizer.padding_side = "left"
         self._loss_forward: LossForward | None = None  # the loss being computed, while `_compute_loss` runs
         self._warned_without_images = False
+        # Whether the data's columns say if it has images; when they do not (an iterable dataset), a batch without
+        # images is the only sign. A text-only batch from data with an image column is a mixed dataset's share
+        # (or a process given only text prompts), not data without images.
+        self._image_columns_unknown = getattr(self.train_dataset, "column_names", None) is None
         if args.spotlight_steps > 0:
             from .tools.spotlight_callback import SpotlightCallback  # the viewer is loaded only when it is asked for
 
             self.add_callback(SpotlightCallback(self))
         columns = getattr(self.train_dataset, "column_names", None)
         if columns is not None and "images" not in columns and "image" not in columns:
-            self._warn_without_images()
+            self._warn_without_images("The training data has no images ('images' or 'image' column)")
 
     def _training_state(self) -> dict[str, Any]:
         return {**super()._training_state(), "perturbation_round": self.shared.perturbation_round}
@@ -102,11 +106,10 @@ class VPPOTrainer(
         super()._restore_training_state(state)
         self.shared.perturbation_round = state["perturbation_round"]
 
-    def _warn_without_images(self) -> None:
+    def _warn_without_images(self, what: str) -> None:
         if not self._warned_without_images:
             warnings.warn(
-                "The training data has no images ('images' or 'image' column): VPPO has no visual dependency to "
-                "measure and trains exactly like GRPO.",
+                f"{what}: VPPO has no visual dependency to measure and trains exactly like GRPO on it.",
                 stacklevel=3,
             )
             self._warned_without_images = True
@@ -142,8 +145,10 @@ class VPPOTrainer(
         mask = loss_mask(batch)
         advantages = batch["advantages"]
         num_images = batch.get("num_images")
-        if num_images is None:
-            self._warn_without_images()
+        if num_images is None and self._image_columns_unknown:
+            self._warn_without_images(
+                "A generation batch of this process has no images, and the data's columns are unknown"
+            )
         has_image = torch.tensor([bool(n) for n in (num_images or [0] * len(advantages))], device=advantages.device)
         has_tokens = mask.sum(-1) > 0
         roles = {
