@@ -115,7 +115,10 @@ def newest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     for step, path in reversed(steps):
         if is_complete(path):
             return str(path)
-        logger.warning(f"Skipping {path}: it is incomplete (the run stopped while saving step {step}).")
+        logger.warning(
+            f"Skipping {path}: it is incomplete (the run stopped while saving step {step}, or, on several machines, "
+            "output_dir is not on storage they all share: the main process writes the marker and the weights)."
+        )
     return None
 
 
@@ -240,8 +243,9 @@ class ExactResumeMixin(SharedStateMixin):
         if not is_complete(checkpoint):
             newest = newest_complete_checkpoint(os.path.dirname(os.path.abspath(checkpoint)))
             raise ValueError(
-                f"Checkpoint {checkpoint} is incomplete (no {COMPLETE_MARKER}: the run stopped while saving it, or an "
-                "older version wrote it)." + (f" The newest complete one is {newest}." if newest else "")
+                f"Checkpoint {checkpoint} is incomplete (no {COMPLETE_MARKER}: the run stopped while saving it, an "
+                "older version wrote it, or, on several machines, output_dir is not on storage they all share)."
+                + (f" The newest complete one is {newest}." if newest else "")
             )
         path = os.path.join(checkpoint, PROCESS_STATE.format(self.args.process_index))
         if not os.path.isfile(path):
