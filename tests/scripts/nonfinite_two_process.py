@@ -11,7 +11,8 @@ faults, by optimizer step (one micro-batch per step), with `max_consecutive_nonf
 - steps 6 and 7: the loss is NaN on rank 0: two skipped steps in a row stop training at step 7.
 
 After every optimizer step the full (gathered) weights are written to OUTPUT_PATH.step{N}.safetensors by rank 0, and
-each rank writes its logs and the error that stopped it to OUTPUT_PATH.rank{R}.json. The guard is left as it is.
+each rank writes its logs, the learning rate after every step and the error that stopped it to
+OUTPUT_PATH.rank{R}.json. The guard is left as it is.
 """
 
 import json
@@ -69,13 +70,19 @@ def varied_reward(completions, **kwargs) -> list[float]:
 
 
 class SaveFullWeights(TrainerCallback):
-    """Gather the full weights after each optimizer step (a collective under ZeRO-3) and save them on rank 0."""
+    """Gather the full weights after each optimizer step (a collective under ZeRO-3) and save them on rank 0; note the
+    learning rate the next step will use (index 0: before the first)."""
 
     def __init__(self, output_path: str):
         self.output_path = output_path
         self.trainer = None
+        self.learning_rates = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.learning_rates.append(self.trainer.lr_scheduler.get_last_lr()[0])
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.learning_rates.append(self.trainer.lr_scheduler.get_last_lr()[0])
         weights = self.trainer.accelerator.get_state_dict(self.trainer.model_wrapped)
         if state.is_world_process_zero:
             weights = {name: value.detach().cpu().clone().contiguous() for name, value in weights.items()}
@@ -128,7 +135,12 @@ def main(output_path: str, overrides: dict) -> None:
         error = str(stopped)
     rank = trainer.accelerator.process_index
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    record = {"logs": logs, "error": error, "batches_with_images": faulty.calls["with_images"]}
+    record = {
+        "logs": logs,
+        "error": error,
+        "batches_with_images": faulty.calls["with_images"],
+        "learning_rates": save_weights.learning_rates,
+    }
     with open(f"{output_path}.rank{rank}.json", "w") as handle:
         json.dump(record, handle)
     # Tear the process group down before the interpreter exits: a gloo thread left running can abort the exit.
