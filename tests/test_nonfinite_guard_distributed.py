@@ -5,7 +5,6 @@ the guard cannot cover are refused."""
 
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scripts.nonfinite_two_process import NAN_GRADIENTS, NAN_LOSS, STOP_STEP, inject_faults
+from scripts.nonfinite_two_process import NAN_CONSTANT, NAN_GRADIENTS, NAN_LOSS, STOP_STEP, inject_faults
 from test_multiprocess import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from test_trainer import final_parameters, make_trainer
 from transformers import TrainerCallback
@@ -88,7 +87,8 @@ def launch_args(tmp_path: Path, backend: str) -> tuple[list[str], dict]:
 )
 def test_nonfinite_losses_and_gradients_leave_the_full_weights_unchanged_then_stop_the_run(tmp_path, backend):
     """One run per backend: a NaN loss on one process (step 2), NaN gradients under a finite loss on one process
-    (step 4), then NaN losses two steps in a row (6, 7), with max_consecutive_nonfinite_steps=2 (see the script)."""
+    (step 4), then NaN losses two steps in a row (6, with finite gradients, and 7), with
+    max_consecutive_nonfinite_steps=2 (see the script)."""
     output = tmp_path / "run"
     arguments, overrides = launch_args(tmp_path, backend)
     command = [
@@ -111,7 +111,7 @@ def test_nonfinite_losses_and_gradients_leave_the_full_weights_unchanged_then_st
     assert all(weights[step].keys() == weights[1].keys() for step in weights)
     for step in range(2, STOP_STEP):
         moved = [name for name in weights[step] if not torch.equal(weights[step - 1][name], weights[step][name])]
-        if step in NAN_LOSS or step in NAN_GRADIENTS:
+        if step in NAN_LOSS or step in NAN_GRADIENTS or step in NAN_CONSTANT:
             assert not moved, (
                 f"the skipped step {step} changed {len(moved)} of {len(weights[step])} tensors: {moved[:3]}"
             )
@@ -140,13 +140,9 @@ def make_faulty_trainer(tmp_path, monkeypatch, nan_loss=(), nan_gradients=(), na
         trainer_module.VPPOTrainer._compute_loss,
         dict.fromkeys(nan_loss, 0),
         dict.fromkeys(nan_gradients, 0),
+        dict.fromkeys(nan_constant, 0),
     )
-
-    def compute_loss(self, model, inputs):
-        loss = faulty(self, model, inputs)
-        return loss + math.nan if faulty.calls["count"] in nan_constant else loss
-
-    monkeypatch.setattr(trainer_module.VPPOTrainer, "_compute_loss", compute_loss)
+    monkeypatch.setattr(trainer_module.VPPOTrainer, "_compute_loss", faulty)
     return trainer
 
 

@@ -8,7 +8,9 @@ faults, by optimizer step (one micro-batch per step), with `max_consecutive_nonf
 
 - step 2: the loss is NaN on rank 1 only (a corrupt sample);
 - step 4: the loss is finite on both ranks, but rank 0's backward gives NaN gradients (a bf16 backward overflow);
-- steps 6 and 7: the loss is NaN on rank 0: two skipped steps in a row stop training at step 7.
+- steps 6 and 7: the loss is NaN on rank 0: two skipped steps in a row stop training at step 7. At step 6 the NaN is
+  a constant added to the loss, so its gradients are finite and only the guard can skip the step (under DeepSpeed,
+  ZeRO's own check sees nothing).
 
 After every optimizer step the full (gathered) weights are written to OUTPUT_PATH.step{N}.safetensors by rank 0, and
 each rank writes its logs, the learning rate after every step and the error that stopped it to
@@ -29,7 +31,8 @@ from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
 
 MAX_STEPS = 8
-NAN_LOSS = {2: 1, 6: 0, 7: 0}  # optimizer step: the rank whose loss is NaN
+NAN_LOSS = {2: 1, 7: 0}  # optimizer step: the rank whose loss is NaN
+NAN_CONSTANT = {6: 0}  # optimizer step: the rank whose loss gets a NaN constant (finite gradients)
 NAN_GRADIENTS = {4: 0}  # optimizer step: the rank whose backward gives NaN gradients
 STOP_STEP = 7
 
@@ -46,8 +49,12 @@ class NaNGradient(torch.autograd.Function):
         return grad * math.nan
 
 
-def inject_faults(compute_loss, nan_loss: dict[int, int], nan_gradients: dict[int, int]):
-    """`_compute_loss` with the faults of `nan_loss` and `nan_gradients` (call number: rank) injected."""
+def inject_faults(
+    compute_loss, nan_loss: dict[int, int], nan_gradients: dict[int, int], nan_constant: dict[int, int] | None = None
+):
+    """`_compute_loss` with the faults of `nan_loss`, `nan_gradients` and `nan_constant` (call number: rank)
+    injected."""
+    nan_constant = nan_constant or {}
     calls = {"count": 0, "with_images": []}
 
     def faulty_compute_loss(self, model, inputs):
@@ -59,6 +66,8 @@ def inject_faults(compute_loss, nan_loss: dict[int, int], nan_gradients: dict[in
             return loss * math.nan
         if nan_gradients.get(calls["count"]) == rank:
             return NaNGradient.apply(loss)
+        if nan_constant.get(calls["count"]) == rank:
+            return loss + math.nan
         return loss
 
     faulty_compute_loss.calls = calls
@@ -90,7 +99,7 @@ class SaveFullWeights(TrainerCallback):
 
 
 def main(output_path: str, overrides: dict) -> None:
-    faulty = inject_faults(trainer_module.VPPOTrainer._compute_loss, NAN_LOSS, NAN_GRADIENTS)
+    faulty = inject_faults(trainer_module.VPPOTrainer._compute_loss, NAN_LOSS, NAN_GRADIENTS, NAN_CONSTANT)
     trainer_module.VPPOTrainer._compute_loss = faulty
     text_only_odd_prompts = overrides.pop("text_only_odd_prompts", False)
     settings = dict(
