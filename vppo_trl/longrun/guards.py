@@ -138,9 +138,13 @@ class NonFiniteStepGuard(TrainerCallback):
             cause = None if trainer.model_wrapped.fp16_enabled() else "gradients"
         applied = cause is None and not trainer.accelerator.optimizer_step_was_skipped
         self.window_losses, self.decided, self.skip, self.cause = [], False, False, None
-        if cause is not None and isinstance(trainer.optimizer, AcceleratedOptimizer):
+        if (
+            cause is not None
+            and not trainer.is_deepspeed_enabled
+            and isinstance(trainer.optimizer, AcceleratedOptimizer)
+        ):
             # What accelerate reports after a loss scaler's skip: the Trainer then holds the learning-rate schedule.
-            # (Reset at the step's end: without a scaler, accelerate never resets it.)
+            # (Reset at the step's end: without a scaler, accelerate never resets it. Under DeepSpeed, see `install`.)
             trainer.optimizer._is_overflow = True
             self.marked_skipped = trainer.optimizer
         trainer._metrics["train"][SKIPPED_METRIC].append(float(cause is not None))

@@ -146,9 +146,8 @@ class ImagelessProcessMixin(SharedStateMixin):
     Keeps a process whose whole batch is text-only in step with processes that have images, for GRPOTrainer
     subclasses: under ZeRO-3 or FSDP it runs the vision tower on a blank image ([`VisionTowerSync`], while `train`,
     `evaluate` or `predict` runs, even when it raises; a family whose image path cannot run that way is refused when
-    the trainer is built), and on any
-    multi-process run it takes part in the gathering of the images that TRL logs (TRL 1.16 skips that collective on a
-    process without images, and the other processes then wait for it forever).
+    the trainer is built), and on any multi-process run it takes part in the gathering of the images that TRL logs
+    (TRL 1.16 skips that collective on a process without images, and the other processes then wait for it forever).
     """
 
     def __init__(self, *args, **kwargs):
