@@ -1,5 +1,6 @@
 """Two processes under DeepSpeed ZeRO-3 on CPU, one with only text-only prompts: no hang for families other than
-Qwen-VL (Gemma 3, and InternVL with its processor's tiling), one launch per family."""
+Qwen-VL (Gemma 3, and InternVL with its processor's tiling), one launch per family. The same launch checks that the
+model is handed back without VPPO's hooks, after a run and after a run that fails."""
 
 import json
 import os
@@ -38,3 +39,8 @@ def test_zero3_with_a_text_only_process_does_not_hang(tmp_path, family):
     for log_0, log_1 in zip(first["logs"], second["logs"], strict=True):
         assert log_0["vppo/dependency_mean"] == log_1["vppo/dependency_mean"]
     assert first["logs"][-1]["vppo/dependency_mean"] > 0  # the image process measured its images
+    # Training over, normally or by an error inside it: a text-only forward or `generate` runs no vision tower.
+    plain = {"forward_tower_runs": 0, "generate_tower_runs": 0, "vppo_hooks": []}
+    for rank in (first, second):
+        assert rank["error"] == "the reward server is down"
+        assert rank["after_training"] == rank["after_error"] == plain

@@ -1,10 +1,10 @@
-"""A NaN or infinite loss, or NaN or infinite gradients, skip their optimizer step on every process and never move a
-weight: two processes under DDP (with and without unused parameters), ZeRO-2 and ZeRO-3, one process with bf16 and
-with an fp16 loss scaler; the stop rule counts optimizer steps."""
+"""A NaN or infinite loss, or NaN or infinite gradients, skip their optimizer step on every process, never move a
+weight and hold the learning-rate schedule: two processes under DDP (with and without unused parameters), ZeRO-2 and
+ZeRO-3, one process with bf16 and with an fp16 loss scaler; the stop rule counts optimizer steps. DeepSpeed settings
+the guard cannot cover are refused."""
 
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scripts.nonfinite_two_process import NAN_GRADIENTS, NAN_LOSS, STOP_STEP, inject_faults
+from scripts.nonfinite_two_process import NAN_CONSTANT, NAN_GRADIENTS, NAN_LOSS, STOP_STEP, inject_faults
 from test_multiprocess import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 from test_trainer import final_parameters, make_trainer
 from transformers import TrainerCallback
 
 import vppo_trl.trainer as trainer_module
+from vppo_trl.longrun.guards import GUARDED_STEP, check_deepspeed_config
 
 SCRIPT = Path(__file__).parent / "scripts" / "nonfinite_two_process.py"
 
@@ -86,7 +87,8 @@ def launch_args(tmp_path: Path, backend: str) -> tuple[list[str], dict]:
 )
 def test_nonfinite_losses_and_gradients_leave_the_full_weights_unchanged_then_stop_the_run(tmp_path, backend):
     """One run per backend: a NaN loss on one process (step 2), NaN gradients under a finite loss on one process
-    (step 4), then NaN losses two steps in a row (6, 7), with max_consecutive_nonfinite_steps=2 (see the script)."""
+    (step 4), then NaN losses two steps in a row (6, with finite gradients, and 7), with
+    max_consecutive_nonfinite_steps=2 (see the script)."""
     output = tmp_path / "run"
     arguments, overrides = launch_args(tmp_path, backend)
     command = [
@@ -109,7 +111,7 @@ def test_nonfinite_losses_and_gradients_leave_the_full_weights_unchanged_then_st
     assert all(weights[step].keys() == weights[1].keys() for step in weights)
     for step in range(2, STOP_STEP):
         moved = [name for name in weights[step] if not torch.equal(weights[step - 1][name], weights[step][name])]
-        if step in NAN_LOSS or step in NAN_GRADIENTS:
+        if step in NAN_LOSS or step in NAN_GRADIENTS or step in NAN_CONSTANT:
             assert not moved, (
                 f"the skipped step {step} changed {len(moved)} of {len(weights[step])} tensors: {moved[:3]}"
             )
@@ -120,6 +122,8 @@ def test_nonfinite_losses_and_gradients_leave_the_full_weights_unchanged_then_st
     for rank in range(2):
         record = json.loads((tmp_path / f"run.rank{rank}.json").read_text())
         assert [entry["vppo/nonfinite_loss_skipped"] for entry in record["logs"]] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+        # The learning-rate schedule (linear decay) holds on the skipped steps 2, 4 and 6, whoever skipped them.
+        assert_schedule_holds_on({2, 4, 6}, record["learning_rates"])
         assert record["error"].startswith(
             f"Step {STOP_STEP}: the training loss was NaN or infinite 2 times in a row: 2 optimizer steps in a row "
             "were skipped (max_consecutive_nonfinite_steps=2; 4 skipped in this run)."
@@ -136,31 +140,42 @@ def make_faulty_trainer(tmp_path, monkeypatch, nan_loss=(), nan_gradients=(), na
         trainer_module.VPPOTrainer._compute_loss,
         dict.fromkeys(nan_loss, 0),
         dict.fromkeys(nan_gradients, 0),
+        dict.fromkeys(nan_constant, 0),
     )
-
-    def compute_loss(self, model, inputs):
-        loss = faulty(self, model, inputs)
-        return loss + math.nan if faulty.calls["count"] in nan_constant else loss
-
-    monkeypatch.setattr(trainer_module.VPPOTrainer, "_compute_loss", compute_loss)
+    monkeypatch.setattr(trainer_module.VPPOTrainer, "_compute_loss", faulty)
     return trainer
 
 
 class Snapshot(TrainerCallback):
-    """The weights and the optimizer's state after every optimizer step."""
+    """The weights, the optimizer's state and the learning rate the next step will use, after every optimizer step."""
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.weights, self.optimizer_states = {0: final_parameters(trainer)}, {}
+        self.learning_rates = {}
 
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.learning_rates[0] = lr_scheduler.get_last_lr()[0]
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         self.weights[state.global_step] = final_parameters(self.trainer)
         self.optimizer_states[state.global_step] = copy.deepcopy(optimizer.state_dict()["state"])
+        self.learning_rates[state.global_step] = lr_scheduler.get_last_lr()[0]
 
     def moved(self, step: int) -> int:
         """How many tensors optimizer step `step` changed."""
         before, after = self.weights[step - 1], self.weights[step]
         return sum(not torch.equal(before[name], after[name]) for name in before)
+
+
+def assert_schedule_holds_on(skipped: set[int], learning_rates: list[float]) -> None:
+    """`learning_rates[k]`: the learning rate after optimizer step k (0: before the first), on a decaying schedule.
+    A skipped step leaves it where it was; an applied step moves it on."""
+    for step in range(1, len(learning_rates)):
+        if step in skipped:
+            assert learning_rates[step] == learning_rates[step - 1], (step, learning_rates)
+        else:
+            assert learning_rates[step] < learning_rates[step - 1], (step, learning_rates)
 
 
 def skipped_log(trainer) -> list[float]:
@@ -184,6 +199,15 @@ def test_nan_in_one_micro_batch_skips_its_whole_accumulated_step(tmp_path, monke
             assert torch.equal(value, states[2][index][key]), (index, key)
     assert all(torch.isfinite(value).all() for value in weights[3].values())
     assert skipped_log(trainer) == [0.0, 1.0, 0.0]  # one value per optimizer step
+    assert_schedule_holds_on({2}, [snapshot.learning_rates[step] for step in range(4)])
+    assert_optimizer_given_back(trainer)
+
+
+def assert_optimizer_given_back(trainer) -> None:
+    """Training over: the optimizer (the user's, with `optimizers=`) steps as it did before the guard wrapped it, and
+    accelerate no longer reports a skipped step."""
+    assert not getattr(trainer.optimizer.optimizer.step, GUARDED_STEP, False)
+    assert not trainer.accelerator.optimizer_step_was_skipped
 
 
 def test_stop_rule_counts_optimizer_steps_not_micro_batches(tmp_path, monkeypatch):
@@ -203,6 +227,7 @@ def test_stop_rule_counts_optimizer_steps_not_micro_batches(tmp_path, monkeypatc
     assert sorted(snapshot.weights) == [0, 1, 2]  # step 3 raised before it ended
     assert snapshot.moved(1) >= 20 and snapshot.moved(2) == 0
     assert all(torch.equal(value, snapshot.weights[2][name]) for name, value in final_parameters(trainer).items())
+    assert_optimizer_given_back(trainer)  # also after the error, raised inside the skipped step 3
 
 
 def test_one_nan_micro_batch_per_step_stops_the_run_and_is_reported_once(tmp_path, monkeypatch):
@@ -234,6 +259,7 @@ def test_finite_loss_with_nan_gradients_skips_the_step_and_no_checkpoint_holds_n
     saved = load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors")
     assert all(torch.isfinite(value).all() for value in saved.values())
     assert skipped_log(trainer) == [0.0, 1.0, 0.0]
+    assert_schedule_holds_on({2}, [snapshot.learning_rates[step] for step in range(4)])
 
 
 @pytest.mark.parametrize("fault", ["nan_loss", "nan_constant", "nan_gradients"])
@@ -274,7 +300,43 @@ def test_fp16_loss_scaler_skips_a_nonfinite_step(tmp_path, monkeypatch, fault):
             assert torch.equal(value, snapshot.optimizer_states[2][index][key]), (index, key)
     if counted:  # the guard withheld the step: accelerate sees it skipped, and the learning-rate schedule holds
         assert skipped_by_accelerate == [False, True, False]
+        assert_schedule_holds_on({2}, [snapshot.learning_rates[step] for step in range(4)])
     # Otherwise the fused AdamW (the Trainer's default) skips inside its own kernel, where accelerate cannot see it.
     assert skipped_log(trainer) == [0.0, float(counted), 0.0]
     halved = fault != "nan_constant"  # the scaler saw non-finite gradients and lowered its scale
     assert trainer.accelerator.scaler.get_scale() == 2.0**10 / (2 if halved else 1)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.4}}},
+            r"^DeepSpeed ZeRO-3 with a partial optimizer offload \(offload_optimizer.ratio=0.4\) .* backup_optimizer.*"
+            r"Offload the whole optimizer \(ratio 1.0, the default\) or none of it.$",
+        ),
+        (
+            {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}},
+            r"^DeepSpeed without ZeRO \(zero_optimization.stage 0\) in fp32 checks no gradient .* Use ZeRO stage 1, "
+            r"2 or 3, or train without DeepSpeed \(DDP\)",
+        ),
+    ],
+    ids=["zero3_partial_offload", "stage0_fp32"],
+)
+def test_deepspeed_settings_the_guard_cannot_cover_are_refused(config, message):
+    with pytest.raises(ValueError, match=message):
+        check_deepspeed_config(config)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},  # all of it offloaded
+        {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none", "ratio": 0.4}}},
+        {"zero_optimization": {"stage": 0}, "fp16": {"enabled": True}},  # DeepSpeed's fp16 checks its gradients
+        {"zero_optimization": {"stage": 0}, "bf16": {"enabled": "true"}},
+        {"zero_optimization": {"stage": 2}},
+    ],
+)
+def test_deepspeed_settings_the_guard_covers_are_accepted(config):
+    check_deepspeed_config(config)

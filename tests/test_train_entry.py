@@ -13,6 +13,7 @@ import yaml
 from datasets import Dataset
 from huggingface_hub import HfApi, RepoUrl
 from peft import PeftModel
+from processes import free_port  # the tests folder is on sys.path
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vppo_trl import cli
@@ -313,3 +314,21 @@ def test_recipe_parses_without_a_deprecation_warning(override):
     expected = bool(override)  # the recipe turns it off, the override back on
     assert training_args.gradient_checkpointing is expected
     assert getattr(training_args, "activation_checkpointing", expected) is expected
+
+
+@pytest.mark.slow
+def test_two_process_cpu_runs_of_the_command_exit_cleanly(workspace, tmp_path):
+    """`vppo-trl train` on two CPU processes (gloo) exits 0 after a successful run, 5 launches in a row: it used to
+    abort at exit now and then ("terminate called without an active exception"), see `exit_cleanly`."""
+    for launch in range(5):
+        output_dir = tmp_path / f"run-{launch}"
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(free_port()), "-m", "vppo_trl.cli", "train", "--config", str(CPU_DEMO),
+            "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4",
+            "--max_train_rows", "16", "--output_dir", str(output_dir),
+        ]  # fmt: skip
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, f"launch {launch}:\n{completed.stdout[-3000:]}{completed.stderr[-6000:]}"
+        assert "terminate called" not in completed.stderr, f"launch {launch}:\n{completed.stderr[-6000:]}"
+        assert (output_dir / "model.safetensors").is_file()  # the run got to its end: trained and saved

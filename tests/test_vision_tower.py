@@ -64,13 +64,20 @@ def test_blank_image_run_leaves_the_output_alone_and_reaches_what_an_image_reach
     assert not reached(model, inputs) & vision  # a text-only forward skips the vision tower: the hang under ZeRO-3
     with torch.no_grad():
         expected = model(**inputs).logits
+    hooks_before = {name: dict(module._forward_pre_hooks) for name, module in model.named_modules()}
     sync = VisionTowerSync(model, processor)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
-    assert reached(model, inputs) & vision == with_image
-    parameters = dict(model.named_parameters())
-    assert not any(parameters[name].grad.any() for name in with_image)
-    sync.remove()
+    assert not reached(model, inputs) & vision  # built, not yet on
+    with sync:
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+        with sync:  # nested, as `evaluate` inside `train`: still on when the inner block ends
+            pass
+        assert reached(model, inputs) & vision == with_image
+        parameters = dict(model.named_parameters())
+        assert not any(parameters[name].grad.any() for name in with_image)
+    # Off again: the model is as it was given
+    assert {name: dict(module._forward_pre_hooks) for name, module in model.named_modules()} == hooks_before
+    assert not reached(model, inputs) & vision
 
 
 def test_a_model_without_an_image_path_is_refused_with_the_reason():

@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # Each subcommand's module is imported only when it runs.
     if args.command == "train":
-        from .train import main as train_main
+        from .train import command as train_command
 
-        train_main(rest, prog="vppo-trl train")
+        train_command(rest, prog="vppo-trl train")
     elif args.command == "demo":
         from .tools.demo import main as demo_main
 

@@ -31,6 +31,7 @@ from huggingface_hub.utils import validate_repo_id
 from packaging.version import Version
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
+from .clean_exit import exit_cleanly
 from .command_line import CommandLineParser, did_you_mean
 from .data import ON_BAD_ROW_CHOICES, BadInputError, DataReport, load_vppo_dataset
 from .method.config import VPPOConfig
@@ -386,5 +387,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> VPPOTrainer:
     return trainer
 
 
+def command(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """
+    [`main`] as a command (`vppo-trl train`, `python -m vppo_trl.train`). A run of several processes ends with
+    [`exit_cleanly`] once everything is saved: its gloo process groups outlive the trainer's end, and their worker
+    threads could otherwise abort the process while the interpreter finalises, after a run that succeeded. A failure
+    raises before that, and exits non-zero with its traceback.
+    """
+    trainer = main(argv, prog)
+    if trainer.accelerator.num_processes > 1:
+        exit_cleanly()
+
+
 if __name__ == "__main__":
-    main()
+    command()

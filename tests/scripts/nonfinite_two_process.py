@@ -8,10 +8,13 @@ faults, by optimizer step (one micro-batch per step), with `max_consecutive_nonf
 
 - step 2: the loss is NaN on rank 1 only (a corrupt sample);
 - step 4: the loss is finite on both ranks, but rank 0's backward gives NaN gradients (a bf16 backward overflow);
-- steps 6 and 7: the loss is NaN on rank 0: two skipped steps in a row stop training at step 7.
+- steps 6 and 7: the loss is NaN on rank 0: two skipped steps in a row stop training at step 7. At step 6 the NaN is
+  a constant added to the loss, so its gradients are finite and only the guard can skip the step (under DeepSpeed,
+  ZeRO's own check sees nothing).
 
 After every optimizer step the full (gathered) weights are written to OUTPUT_PATH.step{N}.safetensors by rank 0, and
-each rank writes its logs and the error that stopped it to OUTPUT_PATH.rank{R}.json. The guard is left as it is.
+each rank writes its logs, the learning rate after every step and the error that stopped it to
+OUTPUT_PATH.rank{R}.json. The guard is left as it is.
 """
 
 import json
@@ -28,7 +31,8 @@ from vppo_trl import VPPOConfig, VPPOTrainer
 from vppo_trl.testing import COLOURS, build_tiny_vlm, exit_cleanly, make_colour_dataset
 
 MAX_STEPS = 8
-NAN_LOSS = {2: 1, 6: 0, 7: 0}  # optimizer step: the rank whose loss is NaN
+NAN_LOSS = {2: 1, 7: 0}  # optimizer step: the rank whose loss is NaN
+NAN_CONSTANT = {6: 0}  # optimizer step: the rank whose loss gets a NaN constant (finite gradients)
 NAN_GRADIENTS = {4: 0}  # optimizer step: the rank whose backward gives NaN gradients
 STOP_STEP = 7
 
@@ -45,8 +49,12 @@ class NaNGradient(torch.autograd.Function):
         return grad * math.nan
 
 
-def inject_faults(compute_loss, nan_loss: dict[int, int], nan_gradients: dict[int, int]):
-    """`_compute_loss` with the faults of `nan_loss` and `nan_gradients` (call number: rank) injected."""
+def inject_faults(
+    compute_loss, nan_loss: dict[int, int], nan_gradients: dict[int, int], nan_constant: dict[int, int] | None = None
+):
+    """`_compute_loss` with the faults of `nan_loss`, `nan_gradients` and `nan_constant` (call number: rank)
+    injected."""
+    nan_constant = nan_constant or {}
     calls = {"count": 0, "with_images": []}
 
     def faulty_compute_loss(self, model, inputs):
@@ -58,6 +66,8 @@ def inject_faults(compute_loss, nan_loss: dict[int, int], nan_gradients: dict[in
             return loss * math.nan
         if nan_gradients.get(calls["count"]) == rank:
             return NaNGradient.apply(loss)
+        if nan_constant.get(calls["count"]) == rank:
+            return loss + math.nan
         return loss
 
     faulty_compute_loss.calls = calls
@@ -69,13 +79,19 @@ def varied_reward(completions, **kwargs) -> list[float]:
 
 
 class SaveFullWeights(TrainerCallback):
-    """Gather the full weights after each optimizer step (a collective under ZeRO-3) and save them on rank 0."""
+    """Gather the full weights after each optimizer step (a collective under ZeRO-3) and save them on rank 0; note the
+    learning rate the next step will use (index 0: before the first)."""
 
     def __init__(self, output_path: str):
         self.output_path = output_path
         self.trainer = None
+        self.learning_rates = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.learning_rates.append(self.trainer.lr_scheduler.get_last_lr()[0])
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.learning_rates.append(self.trainer.lr_scheduler.get_last_lr()[0])
         weights = self.trainer.accelerator.get_state_dict(self.trainer.model_wrapped)
         if state.is_world_process_zero:
             weights = {name: value.detach().cpu().clone().contiguous() for name, value in weights.items()}
@@ -83,7 +99,7 @@ class SaveFullWeights(TrainerCallback):
 
 
 def main(output_path: str, overrides: dict) -> None:
-    faulty = inject_faults(trainer_module.VPPOTrainer._compute_loss, NAN_LOSS, NAN_GRADIENTS)
+    faulty = inject_faults(trainer_module.VPPOTrainer._compute_loss, NAN_LOSS, NAN_GRADIENTS, NAN_CONSTANT)
     trainer_module.VPPOTrainer._compute_loss = faulty
     text_only_odd_prompts = overrides.pop("text_only_odd_prompts", False)
     settings = dict(
@@ -128,7 +144,12 @@ def main(output_path: str, overrides: dict) -> None:
         error = str(stopped)
     rank = trainer.accelerator.process_index
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    record = {"logs": logs, "error": error, "batches_with_images": faulty.calls["with_images"]}
+    record = {
+        "logs": logs,
+        "error": error,
+        "batches_with_images": faulty.calls["with_images"],
+        "learning_rates": save_weights.learning_rates,
+    }
     with open(f"{output_path}.rank{rank}.json", "w") as handle:
         json.dump(record, handle)
     # Tear the process group down before the interpreter exits: a gloo thread left running can abort the exit.

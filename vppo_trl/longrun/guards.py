@@ -16,6 +16,8 @@ logger = logging.get_logger(__name__)
 GUARDED_STEP = "_skips_nonfinite_steps"
 # Logged once per optimizer step: 1.0 when the guard skipped it.
 SKIPPED_METRIC = "vppo/nonfinite_loss_skipped"
+# What an optimizer's `__dict__` held for a step the guard wrapped when it held nothing (the class's method was used).
+_ABSENT = object()
 
 
 class NonFiniteLossGuardMixin(SharedStateMixin):
@@ -27,13 +29,24 @@ class NonFiniteLossGuardMixin(SharedStateMixin):
     loss scaler and DDP then see what happened, see [`NonFiniteStepGuard`]), and the optimizer step it belongs to is
     skipped on every process whenever any of them saw a non-finite loss, or the step's gradients are not finite. After
     `max_consecutive_nonfinite_steps` skipped optimizer steps in a row, training stops with an error; the checkpoints
-    already written are untouched.
+    already written are untouched. A skipped step does not advance the learning-rate schedule, on any backend.
+    DeepSpeed configurations where a step could not be withheld are refused when the trainer is built
+    ([`check_deepspeed_config`]).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            check_deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config)
         self._nonfinite_guard = NonFiniteStepGuard(self)
         self.add_callback(self._nonfinite_guard)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            # The optimizer may be the user's (`optimizers=`): give it back unwrapped, even after an error.
+            self._nonfinite_guard.uninstall()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(
@@ -59,6 +72,10 @@ class NonFiniteStepGuard(TrainerCallback):
       group), so weights, moments and step counts stay as they were. With fp16 and a loss scaler, an overflow of the
       scaled gradients is the scaler's own business: it skips the step and lowers its scale, as in its first steps,
       and the guard neither counts nor reports it, unless the scale is already below 1.
+    - The schedule: a skipped step leaves the learning-rate schedule where it was, as loss scalers and DeepSpeed do for
+      the steps they skip themselves: without DeepSpeed, accelerate is told the step was skipped (the Trainer then
+      leaves its scheduler alone); under DeepSpeed, the ZeRO optimizer's `overflow` flag is raised, and the engine,
+      which steps the scheduler itself, leaves it alone and counts the step as skipped.
     - The count: skipped optimizer steps in a row, reset by a step that is applied. The first skip is reported, the
       rest are logged (`vppo/nonfinite_loss_skipped`, one value per optimizer step) and summarised when training ends.
     """
@@ -72,6 +89,8 @@ class NonFiniteStepGuard(TrainerCallback):
         self.cause: str | None = None  # "loss" or "gradients": why the guard skips this step
         self.consecutive, self.streak_causes = 0, set()
         self.skipped_steps, self.reported = 0, False
+        self.wrapped: list[tuple[object, str, object]] = []  # (owner, name, what its `__dict__` held) per wrapped step
+        self.marked_skipped: AcceleratedOptimizer | None = None  # told it skipped this step (see `on_optimizer_step`)
 
     # The loss, micro-batch by micro-batch
 
@@ -119,6 +138,15 @@ class NonFiniteStepGuard(TrainerCallback):
             cause = None if trainer.model_wrapped.fp16_enabled() else "gradients"
         applied = cause is None and not trainer.accelerator.optimizer_step_was_skipped
         self.window_losses, self.decided, self.skip, self.cause = [], False, False, None
+        if (
+            cause is not None
+            and not trainer.is_deepspeed_enabled
+            and isinstance(trainer.optimizer, AcceleratedOptimizer)
+        ):
+            # What accelerate reports after a loss scaler's skip: the Trainer then holds the learning-rate schedule.
+            # (Reset at the step's end: without a scaler, accelerate never resets it. Under DeepSpeed, see `install`.)
+            trainer.optimizer._is_overflow = True
+            self.marked_skipped = trainer.optimizer
         trainer._metrics["train"][SKIPPED_METRIC].append(float(cause is not None))
         if cause is None:
             if applied:
@@ -158,6 +186,14 @@ class NonFiniteStepGuard(TrainerCallback):
                 stacklevel=2,
             )
 
+    def on_step_end(self, args, state, control, **kwargs):
+        self.unmark_skipped()
+
+    def unmark_skipped(self) -> None:
+        if self.marked_skipped is not None:
+            self.marked_skipped._is_overflow = False
+            self.marked_skipped = None
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.skipped_steps:
             logger.warning(
@@ -170,8 +206,11 @@ class NonFiniteStepGuard(TrainerCallback):
     def install(self) -> None:
         """Wrap the `step` that applies the update (once per optimizer) so that it passes over a skipped step."""
         trainer = self.trainer
+        flags_overflow = None  # the ZeRO optimizer whose `overflow` a skipped step raises
         if trainer.is_deepspeed_enabled:
             engine = trainer.model_wrapped
+            if hasattr(engine.optimizer, "overflow"):
+                flags_overflow = engine.optimizer
             if getattr(engine.optimizer, "check_grad_overflow", True) is False:
                 engine.optimizer.check_grad_overflow = True  # ZeRO-1/2 then skips a step with non-finite gradients
             # The ZeRO optimizer (fp32 master partitions, gradient buffers) wraps `basic_optimizer`: skipping only its
@@ -188,14 +227,64 @@ class NonFiniteStepGuard(TrainerCallback):
             return
 
         step = getattr(owner, name)
+        self.wrapped.append((owner, name, owner.__dict__.get(name, _ABSENT)))
 
         @functools.wraps(step)  # keeps the mark a learning-rate scheduler puts on its optimizer's `step`
         def step_unless_skipped(*args, **kwargs):
             # A zero gradient is not enough: Adam's moments would still move the weights. ZeRO calls this once per
             # parameter group: the decision belongs to the optimizer step, not to one call.
             if self.skip:
+                if flags_overflow is not None:
+                    # Read by the engine right after the step: it then holds the learning-rate schedule and counts
+                    # the step skipped, as on the steps ZeRO skips itself. ZeRO resets it at its next step.
+                    flags_overflow.overflow = True
                 return None
             return step(*args, **kwargs)
 
         setattr(step_unless_skipped, GUARDED_STEP, True)
         setattr(owner, name, step_unless_skipped)
+
+    def uninstall(self) -> None:
+        """Give every wrapped optimizer its own `step` back, and forget a step left half-accumulated by an error."""
+        for owner, name, own in reversed(self.wrapped):
+            if own is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+        self.wrapped = []
+        self.window_losses, self.decided, self.skip, self.cause = [], False, False, None
+        self.unmark_skipped()
+
+
+def check_deepspeed_config(config: dict) -> None:
+    """
+    Raise a `ValueError` naming the setting and the fix when a DeepSpeed configuration applies updates the non-finite
+    guard cannot withhold or NaN gradients nothing checks.
+
+    - ZeRO-3 with part of the optimizer offloaded (`offload_optimizer.ratio` < 1) steps the parameters kept on the
+      accelerator with a second optimizer of its own (`backup_optimizer`), beside the `basic_optimizer` the guard
+      wraps.
+    - DeepSpeed without ZeRO (stage 0) in fp32 checks no gradient: NaN gradients under a finite loss would be applied
+      (fp16 and bf16 have their own check).
+    """
+    zero = config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    offload = zero.get("offload_optimizer") or {}
+    ratio = offload.get("ratio", 1.0)
+    if stage == 3 and offload.get("device", "none") not in ("none", None) and float(ratio) < 1.0:
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 with a partial optimizer offload (offload_optimizer.ratio={ratio}) updates the "
+            "parameters it keeps on the accelerator with a second optimizer (ZeRO's backup_optimizer), whose update "
+            "VPPO's non-finite guard cannot withhold after a NaN or infinite loss. Offload the whole optimizer "
+            "(ratio 1.0, the default) or none of it."
+        )
+    enabled = {
+        precision: str((config.get(precision) or {}).get("enabled", False)).lower() == "true"
+        for precision in ("fp16", "bf16", "bfloat16")
+    }
+    if stage == 0 and not any(enabled.values()):
+        raise ValueError(
+            "DeepSpeed without ZeRO (zero_optimization.stage 0) in fp32 checks no gradient for NaN or infinite "
+            "values, so NaN gradients under a finite loss would reach the weights past VPPO's non-finite guard. Use "
+            "ZeRO stage 1, 2 or 3, or train without DeepSpeed (DDP), where the guard checks the gradients itself."
+        )

@@ -9,8 +9,12 @@ touching the model's code, for every family: when a forward has no `pixel_values
 (`get_image_features`: vision tower and projector) runs on a small blank image, processed by the model's processor,
 between the token embedding and the decoder (where real image features are merged in), and `0 x` its output is added
 to the embeddings, so that the backward pass runs through the tower too. The output is unchanged.
+
+The hooks are on only while the trainer trains, evaluates or predicts: the model handed back afterwards runs no
+vision tower on a text-only input.
 """
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -54,11 +58,11 @@ def _deepstack_features(output: Any) -> list[torch.Tensor] | None:
 class VisionTowerSync:
     """
     Forward hooks on a VLM's backbone (`model.model`, with `get_image_features`) and on its decoder that run the
-    model's image path on a blank image when a forward has no image.
+    model's image path on a blank image when a forward has no image, while in a `with` block (blocks may nest).
 
     Only forwards without a filled cache are concerned (training, scoring and generation prefill), not the decoding
     steps of generation, which run no vision tower on any process. Raises `ValueError` naming the family and the
-    reason when its image path cannot be run this way.
+    reason when its image path cannot be run this way (when built: before any hook is added).
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any):
@@ -85,10 +89,23 @@ class VisionTowerSync:
         self.inputs = {key: value for key, value in blank.items() if key in accepted}
         self._needs_image = False
         self.takes_deepstack = "deepstack_visual_embeds" in inspect.signature(decoder.forward).parameters
-        self.handles = [
-            backbone.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
-        ]
+        self.backbone, self.decoder = backbone, decoder
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.depth = 0  # `with` blocks entered and not left
+
+    def __enter__(self) -> "VisionTowerSync":
+        if self.depth == 0:
+            self.handles = [
+                self.backbone.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                self.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
+            ]
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.remove()
 
     def _before_forward(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -121,15 +138,16 @@ class VisionTowerSync:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.handles, self._needs_image = [], False
 
 
 class ImagelessProcessMixin(SharedStateMixin):
     """
     Keeps a process whose whole batch is text-only in step with processes that have images, for GRPOTrainer
-    subclasses: under ZeRO-3 or FSDP it runs the vision tower on a blank image ([`VisionTowerSync`]; a family whose
-    image path cannot run that way is refused when the trainer is built), and on any
-    multi-process run it takes part in the gathering of the images that TRL logs (TRL 1.16 skips that collective on a
-    process without images, and the other processes then wait for it forever).
+    subclasses: under ZeRO-3 or FSDP it runs the vision tower on a blank image ([`VisionTowerSync`], while `train`,
+    `evaluate` or `predict` runs, even when it raises; a family whose image path cannot run that way is refused when
+    the trainer is built), and on any multi-process run it takes part in the gathering of the images that TRL logs
+    (TRL 1.16 skips that collective on a process without images, and the other processes then wait for it forever).
     """
 
     def __init__(self, *args, **kwargs):
@@ -143,6 +161,26 @@ class ImagelessProcessMixin(SharedStateMixin):
                 continue
             model = getattr(model, "module", model)  # a DeepSpeed engine wraps the reference model
             self._vision_syncs.append(VisionTowerSync(model, self.processing_class))
+
+    @contextlib.contextmanager
+    def _vision_towers_in_step(self):
+        """The blank-image hooks on, inside the block only: the user's model is handed back as it was given."""
+        with contextlib.ExitStack() as hooks:
+            for sync in self._vision_syncs:
+                hooks.enter_context(sync)
+            yield
+
+    def train(self, *args, **kwargs):
+        with self._vision_towers_in_step():
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with self._vision_towers_in_step():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with self._vision_towers_in_step():
+            return super().predict(*args, **kwargs)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         gather_images = self.log_multimodal and self.accelerator.num_processes > 1

@@ -1,39 +1,6 @@
-"""How a multi-process script run by ``accelerate launch`` ends."""
+"""How a multi-process script run by ``accelerate launch`` ends (the library's own ending, shared with the entry
+point: see :func:`vppo_trl.clean_exit.exit_cleanly`)."""
 
-from __future__ import annotations
+from ..clean_exit import exit_cleanly
 
-import os
-from typing import TYPE_CHECKING, NoReturn
-
-import torch
-
-if TYPE_CHECKING:
-    pass
-
-# The end of a multi-process script
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def exit_cleanly() -> NoReturn:
-    """End a script run by ``accelerate launch`` (tests, benchmarks) once its results are written: every rank past
-    its last collective, the process group destroyed, the output flushed, then ``os._exit(0)``.
-
-    Why not a plain return: after ``destroy_process_group()`` the trainer's DDP wrapper or DeepSpeed engine (and
-    DeepSpeed's group registry) still hold the gloo process groups, so their worker threads outlive ``main``. When one
-    of them releases a finished collective's tensors while the interpreter finalises, it must take the GIL; Python
-    then ends that thread with ``pthread_exit`` inside a C++ destructor, and ``std::terminate`` aborts the process
-    ("terminate called without an active exception", SIGABRT) after a run that succeeded. Without finalisation no
-    thread can get there; Python's own ``multiprocessing`` ends its child processes with ``os._exit`` too.
-    """
-    import logging
-    import sys
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
-        torch.distributed.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+__all__ = ["exit_cleanly"]
