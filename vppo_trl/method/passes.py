@@ -23,7 +23,7 @@ from transformers.utils import logging
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .batch_rows import model_inputs, select_rows
+from .batch_rows import model_inputs, pad_like, select_rows
 from .core import kl_token_dependency, token_dependency
 from .perturbations import TEXT_KEYS, PixelLayout, perturb_original_images, perturb_pixel_values, process_images
 from .shared_state import SharedStateMixin
@@ -168,7 +168,11 @@ class VisualDependencyPassesMixin(SharedStateMixin):
         seeds = perturbation_seeds(
             self.args.seed, self.shared.perturbation_round, self.accelerator.process_index, completions, num_images
         )
-        return perturb_batch_images(batch, self.args, self.shared.pixel_layout, self.processing_class, seeds)
+        layout, processor = self.shared.pixel_layout, self.processing_class
+        # The images as loaded are processed one training micro-batch at a time: the processor's float32 copies of
+        # the images then take no more memory than a training step's.
+        samples_per_call = self.args.per_device_train_batch_size
+        return perturb_batch_images(batch, self.args, layout, processor, seeds, samples_per_call)
 
     @staticmethod
     def _select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict:
@@ -260,15 +264,23 @@ def perturbation_seeds(
 
 
 def perturb_batch_images(
-    batch: dict[str, Any], settings: Any, layout: PixelLayout, processor: Any, seeds: Sequence[int]
+    batch: dict[str, Any],
+    settings: Any,
+    layout: PixelLayout,
+    processor: Any,
+    seeds: Sequence[int],
+    samples_per_call: int | None = None,
 ) -> torch.Tensor:
     """
     `batch["pixel_values"]` with every image perturbed, image `i` with a generator seeded by `seeds[i]`.
 
     On the images as the data delivered them when the batch carries them (`IMAGES_KEY`): perturbed there, then
-    processed again by `processor` called as GRPOTrainer calls it ([`process_images`]), so that every tile or crop it
-    cuts from an image carries that image's perturbation; the result must have the batch's token layout (every other
-    image tensor equal, `pixel_values` of the same shape), or a `RuntimeError` says what differs. Otherwise on the
+    processed again by `processor` called as GRPOTrainer calls it ([`process_images`]), `samples_per_call` completions
+    at a time (all at once by default), so that every tile or crop it cuts from an image carries that image's
+    perturbation. The processor pads to the largest image of the rows it is given, which need not be the batch's
+    largest (the batch may be some rows of a generation batch): the result is padded to the batch's shape as the
+    processor pads ([`pad_like`]), and must then have the batch's token layout (every other image tensor equal,
+    `pixel_values` of the same shape), or a `RuntimeError` says what differs. Otherwise on the
     processed pixels, each tile with the draw of its image ([`entry_images`]). `processor` is the model's processor
     (for Qwen-VL patch rows its image processor also does). `settings` has [`VPPOConfig`]'s perturbation fields.
     """
@@ -295,20 +307,22 @@ def perturb_batch_images(
     images = [image for row in per_sample for image in row]
     samples = [len(row) for row in per_sample]
     processed = perturb_original_images(
-        images, processor, settings.perturbation, generators, pixel_values.device, samples=samples, **kwargs
-    )
-    check_same_layout(processed, batch)
-    return processed["pixel_values"].to(pixel_values.dtype)
+        images, processor, settings.perturbation, generators, pixel_values.device, samples=samples,
+        samples_per_call=samples_per_call, **kwargs,
+    )  # fmt: skip
+    padded = pad_like(processed, batch)
+    check_same_layout(padded, batch, processed_shape=tuple(processed["pixel_values"].shape))
+    return padded["pixel_values"].to(pixel_values.dtype)
 
 
-def check_same_layout(processed: dict[str, Any], batch: dict[str, Any]) -> None:
-    """Raise a `RuntimeError` naming what differs when `processed` images do not have `batch`'s token layout."""
+def check_same_layout(
+    processed: dict[str, Any], batch: dict[str, Any], processed_shape: tuple[int, ...] | None = None
+) -> None:
+    """
+    Raise a `RuntimeError` naming what differs when `processed` images (padded to `batch`'s shape; `processed_shape`:
+    their `pixel_values`' shape before) do not have `batch`'s token layout.
+    """
     differences = []
-    if tuple(processed["pixel_values"].shape) != tuple(batch["pixel_values"].shape):
-        differences.append(
-            f"pixel_values of shape {tuple(processed['pixel_values'].shape)} instead of "
-            f"{tuple(batch['pixel_values'].shape)}"
-        )
     for key, value in processed.items():
         if key == "pixel_values" or key in TEXT_KEYS or key not in batch:
             continue
@@ -319,6 +333,14 @@ def check_same_layout(processed: dict[str, Any], batch: dict[str, Any]) -> None:
             same = value == original
         if not same:
             differences.append(f"another {key}")
+    shape, expected = processed_shape or tuple(processed["pixel_values"].shape), tuple(batch["pixel_values"].shape)
+    if len(shape) == len(expected) and shape[1:] != expected[1:]:
+        # Padded to the batch's shape: fine only where the batch's own pixels are padding too (no image extends there).
+        for dim, (size, target) in enumerate(zip(shape, expected, strict=True)):
+            if 0 < dim and size < target and bool(batch["pixel_values"].narrow(dim, size, target - size).any()):
+                differences.append(f"images smaller than the batch's in dimension {dim}")
+    if tuple(processed["pixel_values"].shape) != expected or (differences and shape != expected):
+        differences.insert(0, f"pixel_values of shape {shape} instead of {expected}")
     if differences:
         raise RuntimeError(
             "The perturbed images do not have the original batch's token layout: processing them again gave "
