@@ -38,7 +38,7 @@ ALL_FAMILIES = (*FAMILIES, *VLM_FAMILIES)
 UPSTREAM_WARNINGS: dict[str, str] = {}
 # GRPO logs that depend on wall time, not on the training computation.
 TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
-# Families whose projector starts at zero: a random model ignores the image until the first optimizer step.
+# Families whose projector starts at zero: a random model ignores the image until its first optimizer step.
 ZERO_PROJECTOR = {"gemma3"}
 # Each prompt's answer colour and images (width x height), in data order: four prompt groups a step. Red groups are
 # rewarded uniformly (zero advantage), blue ones are not. The square, the largest image (the most tiles), is in a red
@@ -104,7 +104,7 @@ def settings(tmp_path, **overrides) -> dict:
             per_device_train_batch_size=8,
             num_generations=2,
             max_completion_length=3,
-            max_steps=2,
+            max_steps=1,
             learning_rate=1e-2,
             report_to="none",
             use_cpu=True,
@@ -137,7 +137,9 @@ def train(trainer):
 )
 def test_family(tmp_path, family):
     model, processor = family_or_skip(family)
-    images_per_prompt = 2 if family in FAMILIES or VLM_FAMILIES[family].multi_image else 1
+    table = VLM_FAMILIES.get(family)
+    images_per_prompt = 2 if table is None or table.multi_image else 1
+    text_only = table is None or table.mixed_image_counts
     family_settings = family_training_settings(family)
     common = dict(reward_funcs=half_uniform_reward, processing_class=processor)
     images_only = colour_dataset(images_per_prompt, text_only=False)
@@ -155,22 +157,17 @@ def test_family(tmp_path, family):
         for key, value in grpo_log.items():  # GRPO's own metrics, logged alike
             if key not in TIMING_KEYS:
                 assert vppo_log[key] == value, key
-    logs = [entry for entry in vppo.state.log_history if "vppo/dependency_mean" in entry]
-    assert len(logs) == 2
-    assert all(0 < entry["vppo/skipped_fraction"] < 1 for entry in logs)  # only the rows with an advantage
-    dependencies = [entry["vppo/dependency_mean"] for entry in logs]
-    if family in ZERO_PROJECTOR:
-        assert dependencies[0] == 0.0 and dependencies[1] > 0  # the image reaches the decoder after one step
-    else:
-        assert all(value > 0 for value in dependencies), dependencies
+    (log,) = [entry for entry in vppo.state.log_history if "vppo/dependency_mean" in entry]
+    assert 0 < log["vppo/skipped_fraction"] < 1  # only the rows with an advantage
+    # Gemma 3's image reaches the decoder only after one optimizer step (measured > 0 below).
+    assert log["vppo/dependency_mean"] == 0 if family in ZERO_PROJECTOR else log["vppo/dependency_mean"] > 0
 
     # VPPO as configured by default (TGF, TAS) in each space, with dynamic sampling and text-only prompts, one step on
     # from the model VPPO trained: the first four prompts hold two informative groups, the next four the other two.
-    with_text_only = colour_dataset(images_per_prompt)
+    with_text_only = colour_dataset(images_per_prompt, text_only=text_only)
     for space in ("original_image", "pixel_values"):
-        sampling = {"dynamic_sampling": True, "dynamic_sampling_reward": "total"}
-        defaults = VPPOConfig(**settings(tmp_path / space, perturbation_space=space, max_steps=1, **sampling,
-                                         **family_settings))  # fmt: skip
+        sampling = {"dynamic_sampling": True, "dynamic_sampling_reward": "total", "perturbation_space": space}
+        defaults = VPPOConfig(**settings(tmp_path / space, **sampling, **family_settings))
         trainer = VPPOTrainer(model=copy.deepcopy(vppo.model), args=defaults, train_dataset=with_text_only, **common)
         trained = train(trainer)
         assert any(not torch.equal(vppo_parameters[name], value) for name, value in trained.items()), space

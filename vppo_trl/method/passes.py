@@ -23,9 +23,9 @@ from transformers.utils import logging
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .batch_rows import model_inputs, pad_like, select_rows
+from .batch_rows import join_image_tensors, model_inputs, pad_like, select_rows
 from .core import kl_token_dependency, token_dependency
-from .perturbations import TEXT_KEYS, PixelLayout, perturb_original_images, perturb_pixel_values, process_images
+from .perturbations import TEXT_KEYS, PixelLayout, perturb_pixel_values, perturbed_parts, process_images
 from .shared_state import SharedStateMixin
 from .vision import check_vision_model, family_name, freeze_vision_tower
 
@@ -278,9 +278,10 @@ def perturb_batch_images(
     processed again by `processor` called as GRPOTrainer calls it ([`process_images`]), `samples_per_call` completions
     at a time (all at once by default), so that every tile or crop it cuts from an image carries that image's
     perturbation. The processor pads to the largest image of the rows it is given, which need not be the batch's
-    largest (the batch may be some rows of a generation batch): the result is padded to the batch's shape as the
-    processor pads ([`pad_like`]), and must then have the batch's token layout (every other image tensor equal,
-    `pixel_values` of the same shape), or a `RuntimeError` says what differs. Otherwise on the
+    largest (the batch may be some rows of a generation batch, and each call has some of those rows): each call's
+    result is padded to the batch's shape as the processor pads (with zeros, at the end of each dimension), and must
+    then have the batch's token layout (every other image tensor equal, the batch's pixels padding wherever these are),
+    or a `RuntimeError` says what differs. Otherwise on the
     processed pixels, each tile with the draw of its image ([`entry_images`]). `processor` is the model's processor
     (for Qwen-VL patch rows its image processor also does). `settings` has [`VPPOConfig`]'s perturbation fields.
     """
@@ -306,22 +307,56 @@ def perturb_batch_images(
     per_sample = batch[IMAGES_KEY]
     images = [image for row in per_sample for image in row]
     samples = [len(row) for row in per_sample]
-    processed = perturb_original_images(
-        images, processor, settings.perturbation, generators, pixel_values.device, samples=samples,
-        samples_per_call=samples_per_call, **kwargs,
-    )  # fmt: skip
-    padded = pad_like(processed, batch)
-    check_same_layout(padded, batch, processed_shape=tuple(processed["pixel_values"].shape))
-    return padded["pixel_values"].to(pixel_values.dtype)
+    parts = perturbed_parts(
+        images, processor, settings.perturbation, generators, pixel_values.device, samples, samples_per_call, **kwargs
+    )
+    # Each call's pixels are written into the result as they come: the result and one call's tensors are all that
+    # is held at once (joining the calls' outputs would hold the batch's pixels twice).
+    perturbed = torch.zeros_like(pixel_values)  # the padding, where a call's images are smaller than the batch's
+    others, differences, rows, trailing = [], [], 0, [0] * (pixel_values.ndim - 1)
+    for part in parts:
+        values = part.pop("pixel_values")
+        others.append(part)
+        if values.ndim != pixel_values.ndim:
+            differences.append(f"pixel_values of {values.ndim} dimensions instead of {pixel_values.ndim}")
+            break
+        trailing = [max(size, seen) for size, seen in zip(values.shape[1:], trailing, strict=True)]
+        end = rows + values.size(0)
+        fits = end <= pixel_values.size(0) and all(
+            size <= target for size, target in zip(values.shape[1:], pixel_values.shape[1:], strict=True)
+        )
+        if fits:
+            perturbed[(slice(rows, end), *(slice(0, size) for size in values.shape[1:]))] = values
+            differences.extend(padding_differences(pixel_values[rows:end], values.shape))
+        rows = end
+    shape = (rows, *trailing)
+    if shape != tuple(pixel_values.shape):
+        differences.insert(0, f"pixel_values of shape {shape} instead of {tuple(pixel_values.shape)}")
+    differences.extend(layout_differences(pad_like(join_image_tensors(others), batch), batch))
+    if differences:
+        raise RuntimeError(
+            "The perturbed images do not have the original batch's token layout: processing them again gave "
+            f"{' and '.join(dict.fromkeys(differences))}. Was the processor called with other settings for the batch "
+            "(a processor changed after the trainer was built)? Set perturbation_space='pixel_values' to perturb the "
+            "processed pixels instead."
+        )
+    return perturbed
 
 
-def check_same_layout(
-    processed: dict[str, Any], batch: dict[str, Any], processed_shape: tuple[int, ...] | None = None
-) -> None:
+def padding_differences(original: torch.Tensor, shape: Sequence[int]) -> list[str]:
     """
-    Raise a `RuntimeError` naming what differs when `processed` images (padded to `batch`'s shape; `processed_shape`:
-    their `pixel_values`' shape before) do not have `batch`'s token layout.
+    What is wrong with padding images of `shape` to `original`'s shape (the same rows of the batch): the batch's own
+    pixels must be padding there too (zero), or its images are larger than these.
     """
+    return [
+        f"images smaller than the batch's (dimension {dim})"
+        for dim, (size, target) in enumerate(zip(shape, original.shape, strict=True))
+        if dim and size < target and bool(original.narrow(dim, size, target - size).any())
+    ]
+
+
+def layout_differences(processed: dict[str, Any], batch: dict[str, Any]) -> list[str]:
+    """The image tensors other than `pixel_values` in which `processed` differs from `batch`."""
     differences = []
     for key, value in processed.items():
         if key == "pixel_values" or key in TEXT_KEYS or key not in batch:
@@ -333,21 +368,7 @@ def check_same_layout(
             same = value == original
         if not same:
             differences.append(f"another {key}")
-    shape, expected = processed_shape or tuple(processed["pixel_values"].shape), tuple(batch["pixel_values"].shape)
-    if len(shape) == len(expected) and shape[1:] != expected[1:]:
-        # Padded to the batch's shape: fine only where the batch's own pixels are padding too (no image extends there).
-        for dim, (size, target) in enumerate(zip(shape, expected, strict=True)):
-            if 0 < dim and size < target and bool(batch["pixel_values"].narrow(dim, size, target - size).any()):
-                differences.append(f"images smaller than the batch's in dimension {dim}")
-    if tuple(processed["pixel_values"].shape) != expected or (differences and shape != expected):
-        differences.insert(0, f"pixel_values of shape {shape} instead of {expected}")
-    if differences:
-        raise RuntimeError(
-            "The perturbed images do not have the original batch's token layout: processing them again gave "
-            f"{' and '.join(differences)}. Was the processor called with other settings for the batch (a "
-            "processor changed after the trainer was built)? Set perturbation_space='pixel_values' to perturb the "
-            "processed pixels instead."
-        )
+    return differences
 
 
 def entry_images(batch: dict[str, Any]) -> list[int | None]:

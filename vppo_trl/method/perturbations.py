@@ -12,7 +12,7 @@ Both work in image space (0-255 RGB) on the device, with no round trip through P
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -389,12 +389,8 @@ def perturb_original_images(
     to 8-bit values as the official PIL images are (noise truncated, like its `astype(np.uint8)`; blur rounded, like
     PIL's filter), and handed to the (torchvision) image processor on the same device. A perturbed image has its
     original's size, so the processor gives it the same resize and token grid, and every tile or crop it cuts from the
-    image carries the image's perturbation.
-
-    Each distinct image is converted to a tensor once ([`distinct_image_tensors`]). With `samples_per_call`, the
-    samples are perturbed and processed that many at a time, which bounds the memory of the processor's intermediates
-    (float32 copies of every image) to those samples; the calls' image tensors are joined as one call would give them
-    (padded to the largest image where the processor pads, [`join_image_tensors`]).
+    image carries the image's perturbation. With `samples_per_call`, the calls' image tensors ([`perturbed_parts`])
+    are joined as one call would give them (padded to the largest image where the processor pads).
 
     Args:
         images: the images in batch order (every image of every completion, each completion's in order).
@@ -409,6 +405,30 @@ def perturb_original_images(
     Returns:
         The processor's image tensors (`pixel_values`, and what else its layout has: `image_grid_thw`, ...).
     """
+    parts = perturbed_parts(
+        images, processor, kind, generator, device, samples, samples_per_call, **perturbation_kwargs
+    )
+    return join_image_tensors(list(parts))
+
+
+def perturbed_parts(
+    images: Sequence[PIL.Image.Image],
+    processor,
+    kind: str,
+    generator: Generators = None,
+    device: torch.device | str | None = None,
+    samples: Sequence[int] | None = None,
+    samples_per_call: int | None = None,
+    **perturbation_kwargs,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """
+    [`perturb_original_images`]' work, `samples_per_call` samples at a time: each call's image tensors, in order, as
+    the processor gives them for those samples (padded to their own largest image).
+
+    Each distinct image is converted to a tensor once ([`distinct_image_tensors`]), and only one call's images are
+    perturbed and processed at a time, which bounds the processor's intermediates (float32 copies of each image) to
+    those of `samples_per_call` samples.
+    """
     image_processor = getattr(processor, "image_processor", processor)
     if processor is image_processor:
         counts = [1] * len(images)
@@ -417,7 +437,6 @@ def perturb_original_images(
     tensors = distinct_image_tensors(images, image_processor, counts)
     starts = [sum(counts[:index]) for index in range(len(counts) + 1)]
     step = samples_per_call or max(len(counts), 1)
-    parts = []
     for first in range(0, len(counts), step):
         chunk = counts[first : first + step]
         indices = list(range(starts[first], starts[first] + sum(chunk)))
@@ -428,12 +447,12 @@ def perturb_original_images(
             output = image_processor(
                 images=perturbed, return_tensors="pt", device=device, input_data_format="channels_first"
             )
-            parts.append(dict(output))
+            yield dict(output)
         else:
             offsets = [sum(chunk[:index]) for index in range(len(chunk))]
-            per_sample = [perturbed[offset : offset + count] for offset, count in zip(offsets, chunk, strict=True)]
-            parts.append(process_images(processor, per_sample, device))
-    return join_image_tensors(parts)
+            yield process_images(
+                processor, [perturbed[at : at + count] for at, count in zip(offsets, chunk, strict=True)], device
+            )
 
 
 def _perturbed_uint8(

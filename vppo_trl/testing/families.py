@@ -80,6 +80,9 @@ class Family:
     """Tokens that end a generation besides `eos` (the real generation config's)."""
     multi_image: bool = True
     """Whether GRPOTrainer trains it on prompts with several images."""
+    mixed_image_counts: bool = True
+    """Whether GRPOTrainer trains it on batches whose prompts hold different numbers of images (text-only ones
+    beside prompts with images)."""
     training_settings: dict[str, Any] = field(default_factory=dict)
     """GRPOConfig settings GRPOTrainer needs to train the family on batches of prompts of different lengths (the
     same with a real checkpoint)."""
@@ -613,6 +616,9 @@ VLM_FAMILIES: dict[str, Family] = {
         eos="<eos>",
         pad="<pad>",
         named_tokens={"image_token": "<image>"},
+        # Its processor returns the prompts' `labels`, one array per prompt, which TRL 1.16's generation stacks with
+        # `np.array`: that fails once prompts hold different numbers of images (and so of tokens).
+        mixed_image_counts=False,
     ),  # fmt: skip
     "lfm2_vl": Family(
         model="Lfm2VlForConditionalGeneration",
