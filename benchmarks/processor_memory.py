@@ -8,11 +8,12 @@ ratios, each prompt's image decoded apart for each of its completions, as a data
 the real Qwen2.5-VL processor classes (`Qwen2_5_VLProcessor`, `Qwen2VLImageProcessor` with the checkpoint's settings)
 on the CPU, and reads the process's peak resident memory (`resource.getrusage`), in a fresh subprocess per variant:
 
-- `before`: the code before chunking (one processor call on every measured completion, each completion's images
-  converted to tensors, also a group's copies), reproduced here by converting every image and passing no
-  `samples_per_call`;
-- `after`: the library as VPPOTrainer calls it (`samples_per_call=per_device_train_batch_size`, each distinct image
-  converted once).
+- `before`: the code of commit 0bf704c (`--before`), exported with `git archive`: one processor call on every
+  measured completion, each completion's images converted to tensors (a group's copies too);
+- `after`: this checkout, as VPPOTrainer calls it (`samples_per_call=per_device_train_batch_size`, each distinct image
+  converted once, each call's pixels written into the result).
+
+Both run `perturb_batch_images`, the function VPPOTrainer's perturbed pass calls, on the same batch.
 
 Usage::
 
@@ -25,7 +26,6 @@ about 24 MB an image at the limit) then takes 9.2 GB. See benchmarks/RESULTS.md 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -33,14 +33,18 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
-from unittest import mock
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 
 VARIANTS = ("before", "after")
+# The last commit before the original_image pass was chunked.
+BEFORE = "0bf704c"
 # Width x height of the loaded images: the recipe's upper pixel limit (1,003,520) at four aspect ratios.
 SIZES = ((1120, 896), (896, 1120), (1400, 700), (700, 1400))
 
@@ -51,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt (the recipe's G: 8)")
     parser.add_argument("--per-device-train-batch-size", type=int, default=4, help="the recipe's: 4")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--before", default=BEFORE, help="the commit whose code the `before` variant runs")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one variant, in this process
     return parser.parse_args(argv)
@@ -92,51 +97,56 @@ def batch_images(prompts: int, generations: int) -> list[Image.Image]:
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
-    """Peak memory and time of one pass of `variant`, in this (fresh) process."""
-    from vppo_trl.method import perturbations
+    """Peak memory and time of one `original_image` pass of `variant`'s code, in this (fresh) process."""
+    from vppo_trl.method.passes import IMAGES_KEY, perturb_batch_images
+    from vppo_trl.method.perturbations import PixelLayout
 
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     processor = build_processor()
     images = batch_images(args.prompts, args.generations)
-    generators = [torch.Generator().manual_seed(index) for index in range(len(images))]
-    samples = [1] * len(images)
+    # The batch's layout: each prompt's grid, from its image processed once; its pixel_values, which the trainer's
+    # batch holds anyway, a stand-in of the right shape that takes no memory.
+    grids = [
+        processor.image_processor(images=[images[prompt * args.generations]], return_tensors="pt")["image_grid_thw"]
+        for prompt in range(args.prompts)
+    ]
+    grid = torch.cat(grids).repeat_interleave(args.generations, dim=0)
+    row = processor.image_processor.temporal_patch_size * processor.image_processor.patch_size**2 * 3
+    batch = {
+        "pixel_values": torch.zeros(1, row).expand(int(grid.prod(-1).sum()), row),
+        "image_grid_thw": grid,
+        IMAGES_KEY: [[image] for image in images],
+    }
+    settings = SimpleNamespace(perturbation="patch_blackening", perturbation_patch_size=14, perturbation_prob=0.5,
+                               perturbation_noise_std=189.0, perturbation_blur_radius=6.0)  # fmt: skip
+    layout = PixelLayout.from_image_processor(processor.image_processor)
+    chunking = {"samples_per_call": args.per_device_train_batch_size} if variant == "after" else {}
     gc.collect()
-    setup_rss, setup_peak = rss_bytes(), peak_rss_bytes()
-    if variant == "before":
-        every_image = mock.patch.object(
-            perturbations,
-            "distinct_image_tensors",
-            lambda images, image_processor, samples: [perturbations.image_tensor(i, image_processor) for i in images],
-        )
-        samples_per_call = None
-    else:
-        every_image, samples_per_call = contextlib.nullcontext(), args.per_device_train_batch_size
+    setup_rss = rss_bytes()
     start = time.perf_counter()
-    with every_image:
-        output = perturbations.perturb_original_images(
-            images,
-            processor,
-            "patch_blackening",
-            generators,
-            "cpu",
-            samples=samples,
-            samples_per_call=samples_per_call,
-        )
+    pixel_values = perturb_batch_images(batch, settings, layout, processor, list(range(len(images))), **chunking)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
-    output_bytes = sum(value.numel() * value.element_size() for value in output.values())
+    output_bytes = pixel_values.numel() * pixel_values.element_size()
     return {
         "variant": variant,
         "images": len(images),
         "setup_rss_gb": setup_rss / 1e9,
-        "setup_peak_gb": setup_peak / 1e9,
         "peak_rss_gb": peak / 1e9,
         "output_gb": output_bytes / 1e9,
         "above_setup_gb": (peak - setup_rss) / 1e9,
         "above_setup_and_output_gb": (peak - setup_rss - output_bytes) / 1e9,
         "seconds": seconds,
-        "pixel_values_shape": list(output["pixel_values"].shape),
     }
+
+
+def code_before(commit: str) -> str:
+    """A copy of `vppo_trl` at `commit` (the code before chunking), in a temporary folder, for the `before` child."""
+    folder = tempfile.mkdtemp(prefix="vppo-before-")
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "vppo_trl"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -149,7 +159,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if variant not in VARIANTS:
             raise SystemExit(f"Unknown variant {variant!r}; choose from {VARIANTS}.")
         command = [sys.executable, __file__, "--child", variant, *(argv if argv is not None else sys.argv[1:])]
-        completed = subprocess.run(command, capture_output=True, text=True, check=True)
+        environment = dict(os.environ)
+        if variant == "before":
+            environment["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [code_before(args.before), os.environ.get("PYTHONPATH")])
+            )
+        completed = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
         result = json.loads(completed.stdout.strip().splitlines()[-1])
         results.append(result)
         print(
