@@ -2,11 +2,13 @@
 
 Every family trains on realistic batches: four prompt groups a step, images of different sizes and aspect ratios in one
 batch and within a prompt (two a prompt wherever GRPOTrainer trains the family on them), half the groups at zero
-advantage (not measured: the measured rows are padded differently from the batch), prompts without an image, and
-dynamic sampling joining rounds padded differently. GRPOTrainer and VPPOTrainer with TGF, TAS and the entropy penalty
-off train to the same parameters, bit for bit, while VPPO measures a non-zero visual dependency in the default space
-(`original_image`) on only the rows with an advantage; then VPPO with its defaults and dynamic sampling trains a step
-in each space, on data with text-only prompts (which GRPOTrainer of TRL 1.16 fails on: the comparison leaves them out).
+advantage (not measured: where the processor pads, the measured rows are padded differently from the batch), prompts
+without an image, and dynamic sampling joining rounds padded differently. GRPOTrainer and VPPOTrainer with TGF, TAS and
+the entropy penalty off train a step to the same parameters, bit for bit, while VPPO measures a non-zero visual
+dependency in the default space (`original_image`) on only the rows with an advantage; then VPPO with its defaults and
+dynamic sampling trains a step in each space, on data with text-only prompts (GRPOTrainer of TRL 1.16 fails on them,
+so the comparison leaves them out; PaliGemma fails on them inside GRPOTrainer's generation, for VPPO too: see
+docs/models.md).
 """
 
 import copy
