@@ -2,13 +2,23 @@
 
 import random
 
+import pytest
 import torch
 from datasets import Dataset
 from test_trainer import COLOUR_QUESTION, generation_batch, length_reward, vppo_args
 
 from vppo_trl import VPPOTrainer
 from vppo_trl.method.batch_rows import concatenate_rows, model_inputs, select_rows
-from vppo_trl.testing import COLOURS, build_model, build_processor, build_tokenizer, make_shape_image
+from vppo_trl.method.perturbations import process_images
+from vppo_trl.testing import (
+    COLOURS,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    cached_family,
+    family_available,
+    make_shape_image,
+)
 
 
 def mixed_batch(tmp_path) -> tuple[VPPOTrainer, dict]:
@@ -97,3 +107,50 @@ def test_concatenate_rows_repads_prompts_left_and_completions_right():
     assert merged["mm_token_type_ids"].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
     assert merged["advantages"].tolist() == [1.0, -1.0]
     assert merged["num_images"] == [1, 0]
+
+
+def processed_rows(processor, images_per_row: list[list]) -> dict:
+    """A generation batch's rows as far as images go: token ids of one position, the processor's image tensors."""
+    rows = len(images_per_row)
+    ids = torch.ones(rows, 1, dtype=torch.long)
+    tokens = {"prompt_ids": ids, "prompt_mask": ids, "completion_ids": ids, "completion_mask": ids}
+    counts = [len(images) for images in images_per_row]
+    return {**tokens, "num_images": counts, **process_images(processor, images_per_row)}
+
+
+# The processors that pad to the largest image (tile count, or height and width) of the call.
+PADDING_FAMILIES = ["llava_next", "llava_onevision", "idefics3", "smolvlm", "mistral3"]
+
+
+@pytest.mark.parametrize("family", PADDING_FAMILIES)
+def test_rounds_padded_apart_join_as_one_processor_call_pads_them(family):
+    """Two rounds of dynamic sampling, one with a square image (the most tiles, the largest) and one with wide strips
+    only, join into what the processor gives for all their rows at once: each round's padding redone to the common
+    shape."""
+    if family_available(family):
+        pytest.skip(family_available(family))
+    _, processor = cached_family(family)
+    rng = random.Random(0)
+    square = make_shape_image("red", rng, size=56)
+    tall = make_shape_image("green", rng).resize((21, 56))
+    wide = make_shape_image("blue", rng).resize((56, 21))
+    rows = [[square], [tall], [wide], [wide]]
+    merged = concatenate_rows([processed_rows(processor, rows[:2]), processed_rows(processor, rows[2:])], 0)
+    together = processed_rows(processor, rows)
+    for key, value in together.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(merged[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_per_prompt_tiles_are_selected_by_row_when_the_rows_hold_one_image_on_average():
+    """Idefics3 keeps one entry of tiles per prompt: a two-image prompt beside a text-only one is two rows of two
+    images, which TRL's split takes for one entry per image."""
+    if family_available("idefics3"):
+        pytest.skip(family_available("idefics3"))
+    _, processor = cached_family("idefics3")
+    rng = random.Random(0)
+    batch = processed_rows(processor, [[make_shape_image("red", rng), make_shape_image("blue", rng, size=28)], []])
+    picked = select_rows(batch, [1, 0])
+    for key in ("pixel_values", "pixel_attention_mask"):
+        torch.testing.assert_close(picked[key], batch[key][[1, 0]], rtol=0, atol=0, msg=key)
+    assert picked["num_images"] == [0, 2]

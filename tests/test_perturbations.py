@@ -1,11 +1,14 @@
 """Perturbations: image-space behaviour, layout round trips through real Qwen-VL image processors, reproducibility."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
 
+import vppo_trl.method.perturbations as perturbations
 from vppo_trl.method.perturbations import (
     PixelLayout,
     image_tensor,
@@ -13,6 +16,7 @@ from vppo_trl.method.perturbations import (
     perturb_original_images,
     perturb_pixel_values,
 )
+from vppo_trl.testing import cached_family, family_available
 
 KINDS = ("patch_blackening", "gaussian_noise", "gaussian_blur", "solid")
 
@@ -230,3 +234,53 @@ def test_one_generator_per_image_makes_each_draw_independent_of_the_others(proce
     torch.testing.assert_close(batched["pixel_values"][rows[0] + rows[1] :], last["pixel_values"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="Got 2 generators for 3 images"):
         perturb_images(torch.zeros(3, 3, 8, 8), kind, [torch.Generator(), torch.Generator()])
+
+
+def decoded_copies(image: Image.Image, copies: int) -> list[Image.Image]:
+    """`copies` equal images decoded apart from one PNG, as a dataset gives a prompt group's completions theirs."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return [Image.open(io.BytesIO(buffer.getvalue())).convert("RGB") for _ in range(copies)]
+
+
+# Each layout a processor builds, the padding ones (to the largest image or tile count of the call) included.
+CHUNKED_FAMILIES = ["qwen2_5_vl", "llava_next", "idefics3", "mistral3", "internvl", "lfm2_vl", "gemma4"]
+
+
+@pytest.mark.parametrize("family", CHUNKED_FAMILIES)
+def test_a_few_samples_a_call_give_the_one_call_result(family):
+    """Samples processed two at a time give the image tensors of one call on all of them, padding included, and each
+    distinct image (a group's copies decoded apart) is converted once."""
+    if family_available(family):
+        pytest.skip(family_available(family))
+    _, processor = cached_family(family)
+    square, strip, tall = random_image(56, 56, 0), random_image(21, 56, 1), random_image(56, 28, 2)
+    images = [*decoded_copies(strip, 2), *decoded_copies(square, 2), tall]  # a group of two, another, a single
+    seeds = range(len(images))
+    conversions = []
+
+    def counted(image, image_processor):
+        conversions.append(image)
+        return image_tensor(image, image_processor)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perturbations, "image_tensor", counted)
+        chunked = perturb_original_images(
+            images, processor, "patch_blackening", [torch.Generator().manual_seed(s) for s in seeds],
+            samples=[1] * len(images), samples_per_call=2,
+        )  # fmt: skip
+    assert len(conversions) == 3  # the strip, the square, the tall image
+    whole = perturb_original_images(
+        images, processor, "patch_blackening", [torch.Generator().manual_seed(s) for s in seeds],
+        samples=[1] * len(images),
+    )  # fmt: skip
+    assert chunked.keys() == whole.keys()
+    for key, value in whole.items():
+        torch.testing.assert_close(chunked[key], value, rtol=0, atol=0, msg=key)
+    # The copies share their tensor, not their draw: the second copy with its own seed differs from it with the first.
+    own, first = (
+        perturb_original_images(images[:2], processor, "patch_blackening",
+                                [torch.Generator().manual_seed(0), torch.Generator().manual_seed(s)], samples=[1, 1])
+        for s in (1, 0)
+    )  # fmt: skip
+    assert not torch.equal(own["pixel_values"], first["pixel_values"])

@@ -23,9 +23,9 @@ from transformers.utils import logging
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .batch_rows import model_inputs, select_rows
+from .batch_rows import join_image_tensors, model_inputs, pad_like, select_rows
 from .core import kl_token_dependency, token_dependency
-from .perturbations import TEXT_KEYS, PixelLayout, perturb_original_images, perturb_pixel_values, process_images
+from .perturbations import TEXT_KEYS, PixelLayout, perturb_pixel_values, perturbed_parts, process_images
 from .shared_state import SharedStateMixin
 from .vision import check_vision_model, family_name, freeze_vision_tower
 
@@ -168,7 +168,11 @@ class VisualDependencyPassesMixin(SharedStateMixin):
         seeds = perturbation_seeds(
             self.args.seed, self.shared.perturbation_round, self.accelerator.process_index, completions, num_images
         )
-        return perturb_batch_images(batch, self.args, self.shared.pixel_layout, self.processing_class, seeds)
+        layout, processor = self.shared.pixel_layout, self.processing_class
+        # The images as loaded are processed one training micro-batch at a time: the processor's float32 copies of
+        # the images then take no more memory than a training step's.
+        samples_per_call = self.args.per_device_train_batch_size
+        return perturb_batch_images(batch, self.args, layout, processor, seeds, samples_per_call)
 
     @staticmethod
     def _select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict:
@@ -260,15 +264,24 @@ def perturbation_seeds(
 
 
 def perturb_batch_images(
-    batch: dict[str, Any], settings: Any, layout: PixelLayout, processor: Any, seeds: Sequence[int]
+    batch: dict[str, Any],
+    settings: Any,
+    layout: PixelLayout,
+    processor: Any,
+    seeds: Sequence[int],
+    samples_per_call: int | None = None,
 ) -> torch.Tensor:
     """
     `batch["pixel_values"]` with every image perturbed, image `i` with a generator seeded by `seeds[i]`.
 
     On the images as the data delivered them when the batch carries them (`IMAGES_KEY`): perturbed there, then
-    processed again by `processor` called as GRPOTrainer calls it ([`process_images`]), so that every tile or crop it
-    cuts from an image carries that image's perturbation; the result must have the batch's token layout (every other
-    image tensor equal, `pixel_values` of the same shape), or a `RuntimeError` says what differs. Otherwise on the
+    processed again by `processor` called as GRPOTrainer calls it ([`process_images`]), `samples_per_call` completions
+    at a time (all at once by default), so that every tile or crop it cuts from an image carries that image's
+    perturbation. The processor pads to the largest image of the rows it is given, which need not be the batch's
+    largest (the batch may be some rows of a generation batch, and each call has some of those rows): each call's
+    result is padded to the batch's shape as the processor pads (with zeros, at the end of each dimension), and must
+    then have the batch's token layout (every other image tensor equal, the batch's pixels padding wherever these are),
+    or a `RuntimeError` says what differs. Otherwise on the
     processed pixels, each tile with the draw of its image ([`entry_images`]). `processor` is the model's processor
     (for Qwen-VL patch rows its image processor also does). `settings` has [`VPPOConfig`]'s perturbation fields.
     """
@@ -294,21 +307,58 @@ def perturb_batch_images(
     per_sample = batch[IMAGES_KEY]
     images = [image for row in per_sample for image in row]
     samples = [len(row) for row in per_sample]
-    processed = perturb_original_images(
-        images, processor, settings.perturbation, generators, pixel_values.device, samples=samples, **kwargs
+    parts = perturbed_parts(
+        images, processor, settings.perturbation, generators, pixel_values.device, samples, samples_per_call, **kwargs
     )
-    check_same_layout(processed, batch)
-    return processed["pixel_values"].to(pixel_values.dtype)
-
-
-def check_same_layout(processed: dict[str, Any], batch: dict[str, Any]) -> None:
-    """Raise a `RuntimeError` naming what differs when `processed` images do not have `batch`'s token layout."""
-    differences = []
-    if tuple(processed["pixel_values"].shape) != tuple(batch["pixel_values"].shape):
-        differences.append(
-            f"pixel_values of shape {tuple(processed['pixel_values'].shape)} instead of "
-            f"{tuple(batch['pixel_values'].shape)}"
+    # Each call's pixels are written into the result as they come: the result and one call's tensors are all that
+    # is held at once (joining the calls' outputs would hold the batch's pixels twice).
+    perturbed = torch.zeros_like(pixel_values)  # the padding, where a call's images are smaller than the batch's
+    others, differences, rows, trailing = [], [], 0, [0] * (pixel_values.ndim - 1)
+    for part in parts:
+        values = part.pop("pixel_values")
+        others.append(part)
+        if values.ndim != pixel_values.ndim:
+            differences.append(f"pixel_values of {values.ndim} dimensions instead of {pixel_values.ndim}")
+            break
+        trailing = [max(size, seen) for size, seen in zip(values.shape[1:], trailing, strict=True)]
+        end = rows + values.size(0)
+        fits = end <= pixel_values.size(0) and all(
+            size <= target for size, target in zip(values.shape[1:], pixel_values.shape[1:], strict=True)
         )
+        if fits:
+            perturbed[(slice(rows, end), *(slice(0, size) for size in values.shape[1:]))] = values
+            differences.extend(padding_differences(pixel_values[rows:end], values.shape))
+        rows = end
+    differences.extend(layout_differences(pad_like(join_image_tensors(others), batch), batch))
+    shape, expected = (rows, *trailing), tuple(pixel_values.shape)
+    too_large = rows != expected[0] or any(size > target for size, target in zip(shape, expected, strict=True))
+    if too_large or (differences and shape != expected):  # a shape that only padding would fill is fine alone
+        differences.insert(0, f"pixel_values of shape {shape} instead of {expected}")
+    if differences:
+        raise RuntimeError(
+            "The perturbed images do not have the original batch's token layout: processing them again gave "
+            f"{' and '.join(dict.fromkeys(differences))}. Was the processor called with other settings for the batch "
+            "(a processor changed after the trainer was built)? Set perturbation_space='pixel_values' to perturb the "
+            "processed pixels instead."
+        )
+    return perturbed
+
+
+def padding_differences(original: torch.Tensor, shape: Sequence[int]) -> list[str]:
+    """
+    What is wrong with padding images of `shape` to `original`'s shape (the same rows of the batch): the batch's own
+    pixels must be padding there too (zero), or its images are larger than these.
+    """
+    return [
+        f"images smaller than the batch's (dimension {dim})"
+        for dim, (size, target) in enumerate(zip(shape, original.shape, strict=True))
+        if dim and size < target and bool(original.narrow(dim, size, target - size).any())
+    ]
+
+
+def layout_differences(processed: dict[str, Any], batch: dict[str, Any]) -> list[str]:
+    """The image tensors other than `pixel_values` in which `processed` differs from `batch`."""
+    differences = []
     for key, value in processed.items():
         if key == "pixel_values" or key in TEXT_KEYS or key not in batch:
             continue
@@ -319,13 +369,7 @@ def check_same_layout(processed: dict[str, Any], batch: dict[str, Any]) -> None:
             same = value == original
         if not same:
             differences.append(f"another {key}")
-    if differences:
-        raise RuntimeError(
-            "The perturbed images do not have the original batch's token layout: processing them again gave "
-            f"{' and '.join(differences)}. Was the processor called with other settings for the batch (a "
-            "processor changed after the trainer was built)? Set perturbation_space='pixel_values' to perturb the "
-            "processed pixels instead."
-        )
+    return differences
 
 
 def entry_images(batch: dict[str, Any]) -> list[int | None]:

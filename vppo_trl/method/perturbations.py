@@ -12,7 +12,7 @@ Both work in image space (0-255 RGB) on the device, with no round trip through P
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,8 @@ import PIL.Image
 import torch
 from torchvision.transforms.v2 import functional as F
 from transformers.image_transforms import convert_to_rgb
+
+from .batch_rows import join_image_tensors
 
 SOLID_GREY = 128.0
 # What a processor returns besides the images' own tensors (the tokenizer's part).
@@ -344,6 +346,31 @@ def image_tensor(image: PIL.Image.Image, image_processor) -> torch.Tensor:
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
+def distinct_image_tensors(
+    images: Sequence[PIL.Image.Image], image_processor, samples: Sequence[int]
+) -> list[torch.Tensor]:
+    """
+    [`image_tensor`] of each of `images` (`samples[i]` of them for sample `i`), converted once per distinct image.
+
+    A prompt group's completions are consecutive samples with copies of the prompt's images (the same objects, or
+    equal images decoded again from the data): an image that is the same object as, or equal to (PIL's equality:
+    mode, size, palette, pixels), the image at its place in the sample before shares that image's tensor.
+    """
+    tensors: list[torch.Tensor] = []
+    previous: list[int] = []  # indices of the images of the sample before
+    for count in samples:
+        current = list(range(len(tensors), len(tensors) + count))
+        for place, index in enumerate(current):
+            image = images[index]
+            twin = images[previous[place]] if place < len(previous) else None
+            if twin is not None and (twin is image or (isinstance(image, PIL.Image.Image) and image == twin)):
+                tensors.append(tensors[previous[place]])
+            else:
+                tensors.append(image_tensor(image, image_processor))
+        previous = current
+    return tensors
+
+
 def perturb_original_images(
     images: Sequence[PIL.Image.Image],
     processor,
@@ -351,6 +378,7 @@ def perturb_original_images(
     generator: Generators = None,
     device: torch.device | str | None = None,
     samples: Sequence[int] | None = None,
+    samples_per_call: int | None = None,
     **perturbation_kwargs,
 ) -> dict[str, torch.Tensor]:
     """
@@ -361,23 +389,77 @@ def perturb_original_images(
     to 8-bit values as the official PIL images are (noise truncated, like its `astype(np.uint8)`; blur rounded, like
     PIL's filter), and handed to the (torchvision) image processor on the same device. A perturbed image has its
     original's size, so the processor gives it the same resize and token grid, and every tile or crop it cuts from the
-    image carries the image's perturbation.
+    image carries the image's perturbation. With `samples_per_call`, the calls' image tensors ([`perturbed_parts`])
+    are joined as one call would give them (padded to the largest image where the processor pads).
 
     Args:
         images: the images in batch order (every image of every completion, each completion's in order).
         processor: the model's processor, called as GRPOTrainer calls it (one list of images per sample: see
-            `vppo_trl.method.passes.process_images`), or an image processor, called on the images directly.
+            [`process_images`]), or an image processor, called on the images directly (each image a sample).
         kind, generator, perturbation_kwargs: as in [`perturb_images`]; each image gets its own draw (from its own
-            generator when one per image is given).
+            generator when one per image is given; a shared generator is drawn from call by call).
         device: where the work is done (where the model's inputs are).
         samples: with a processor, how many of `images` each sample holds (default: all in one sample).
+        samples_per_call: samples perturbed and processed together (default: all of them).
 
     Returns:
         The processor's image tensors (`pixel_values`, and what else its layout has: `image_grid_thw`, ...).
     """
+    parts = perturbed_parts(
+        images, processor, kind, generator, device, samples, samples_per_call, **perturbation_kwargs
+    )
+    return join_image_tensors(list(parts))
+
+
+def perturbed_parts(
+    images: Sequence[PIL.Image.Image],
+    processor,
+    kind: str,
+    generator: Generators = None,
+    device: torch.device | str | None = None,
+    samples: Sequence[int] | None = None,
+    samples_per_call: int | None = None,
+    **perturbation_kwargs,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """
+    [`perturb_original_images`]' work, `samples_per_call` samples at a time: each call's image tensors, in order, as
+    the processor gives them for those samples (padded to their own largest image).
+
+    Each distinct image is converted to a tensor once ([`distinct_image_tensors`]), and only one call's images are
+    perturbed and processed at a time, which bounds the processor's intermediates (float32 copies of each image) to
+    those of `samples_per_call` samples.
+    """
     image_processor = getattr(processor, "image_processor", processor)
+    if processor is image_processor:
+        counts = [1] * len(images)
+    else:
+        counts = list(samples) if samples is not None else [len(images)]
+    tensors = distinct_image_tensors(images, image_processor, counts)
+    starts = [sum(counts[:index]) for index in range(len(counts) + 1)]
+    step = samples_per_call or max(len(counts), 1)
+    for first in range(0, len(counts), step):
+        chunk = counts[first : first + step]
+        indices = list(range(starts[first], starts[first] + sum(chunk)))
+        perturbed = _perturbed_uint8([tensors[i] for i in indices], kind, _subset(generator, indices), device,
+                                     **perturbation_kwargs)  # fmt: skip
+        if processor is image_processor:
+            # Channels first, said explicitly: transformers < 5.18 guesses the layout of a small tensor wrong.
+            output = image_processor(
+                images=perturbed, return_tensors="pt", device=device, input_data_format="channels_first"
+            )
+            yield dict(output)
+        else:
+            offsets = [sum(chunk[:index]) for index in range(len(chunk))]
+            yield process_images(
+                processor, [perturbed[at : at + count] for at, count in zip(offsets, chunk, strict=True)], device
+            )
+
+
+def _perturbed_uint8(
+    tensors: Sequence[torch.Tensor], kind: str, generator: Generators, device, **perturbation_kwargs
+) -> list[torch.Tensor]:
+    """`[C, H, W]` uint8 images perturbed on `device`, each group of same-size images together, back in 8 bits."""
     by_size: dict[tuple[int, ...], list[int]] = {}
-    tensors = [image_tensor(image, image_processor) for image in images]
     for index, tensor in enumerate(tensors):
         by_size.setdefault(tuple(tensor.shape), []).append(index)
     perturbed: list[torch.Tensor | None] = [None] * len(tensors)
@@ -389,15 +471,7 @@ def perturb_original_images(
         batch = batch.clamp(0.0, 255.0).to(torch.uint8)
         for i, image in zip(indices, batch, strict=True):
             perturbed[i] = image
-    if processor is not image_processor:
-        counts = list(samples) if samples is not None else [len(perturbed)]
-        starts = [sum(counts[:index]) for index in range(len(counts))]
-        per_sample = [perturbed[start : start + count] for start, count in zip(starts, counts, strict=True)]
-        return process_images(processor, per_sample, device)
-    # Channels first, said explicitly: transformers < 5.18 guesses the layout of a small tensor wrong.
-    return dict(
-        image_processor(images=perturbed, return_tensors="pt", device=device, input_data_format="channels_first")
-    )
+    return perturbed
 
 
 def process_images(processor: Any, images_per_sample: Sequence[Sequence[Any]], device: Any = None) -> dict:

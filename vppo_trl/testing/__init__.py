@@ -9,7 +9,15 @@ processors emit each family's own image tensors, and the models run their real v
 """
 
 from .colour_task import COLOUR_QUESTION, COLOURS, colour_reward, make_colour_dataset, make_shape_image
-from .families import VLM_FAMILIES, Family, build_family, build_family_tokenizer, cached_family, family_available
+from .families import (
+    VLM_FAMILIES,
+    Family,
+    build_family,
+    build_family_tokenizer,
+    cached_family,
+    family_available,
+    family_training_settings,
+)
 from .processes import exit_cleanly
 from .tiny_qwen import (
     CHAT_TEMPLATE,
@@ -43,6 +51,7 @@ __all__ = [
     "colour_reward",
     "exit_cleanly",
     "family_available",
+    "family_training_settings",
     "make_colour_dataset",
     "make_shape_image",
     "save_tiny_workspace",

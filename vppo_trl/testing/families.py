@@ -4,6 +4,7 @@ chat template."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,12 @@ class Family:
     """Tokens that end a generation besides `eos` (the real generation config's)."""
     multi_image: bool = True
     """Whether GRPOTrainer trains it on prompts with several images."""
+    mixed_image_counts: bool = True
+    """Whether GRPOTrainer trains it on batches whose prompts hold different numbers of images (text-only ones
+    beside prompts with images)."""
+    training_settings: dict[str, Any] = field(default_factory=dict)
+    """GRPOConfig settings GRPOTrainer needs to train the family on batches of prompts of different lengths (the
+    same with a real checkpoint)."""
 
 
 def _text(**overrides: Any) -> dict[str, Any]:
@@ -579,6 +586,10 @@ VLM_FAMILIES: dict[str, Family] = {
         eos="</s>",
         pad="<pad>",
         special_tokens=("[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]"),
+        # PixtralProcessor returns tensors by default, so the unpadded prompt ids of TRL's `apply_chat_template` call
+        # cannot be stacked once two prompts tokenise to different lengths (images of different sizes have different
+        # token counts): lists, as TRL expects them.
+        training_settings={"chat_template_kwargs": {"return_tensors": None}},
     ),  # fmt: skip
     "paligemma": Family(
         model="PaliGemmaForConditionalGeneration",
@@ -605,6 +616,9 @@ VLM_FAMILIES: dict[str, Family] = {
         eos="<eos>",
         pad="<pad>",
         named_tokens={"image_token": "<image>"},
+        # Its processor returns the prompts' `labels`, one array per prompt, which TRL 1.16's generation stacks with
+        # `np.array`: that fails once prompts hold different numbers of images (and so of tokens).
+        mixed_image_counts=False,
     ),  # fmt: skip
     "lfm2_vl": Family(
         model="Lfm2VlForConditionalGeneration",
@@ -656,6 +670,12 @@ VLM_FAMILIES: dict[str, Family] = {
         special_tokens=("<|im_start|>", *(f"<|img_row_{r}_col_{c}|>" for r in range(1, 5) for c in range(1, 5))),
     ),  # fmt: skip
 }
+
+
+def family_training_settings(name: str) -> dict[str, Any]:
+    """The GRPOConfig settings family `name` needs (`Family.training_settings`; none for the Qwen-VL builders)."""
+    family = VLM_FAMILIES.get(name)
+    return copy.deepcopy(family.training_settings) if family is not None else {}
 
 
 def _resolve(value: Any, tokenizer: PreTrainedTokenizerFast) -> Any:
