@@ -43,6 +43,17 @@ def pytest_configure(config):
     )
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    """The fast tier (plain `pytest`, pyproject's `-m 'not slow'`) ends by naming what it left out, how to run it."""
+    if config.option.markexpr != "not slow":
+        return
+    slow = [item for item in terminalreporter.stats.get("deselected", []) if item.get_closest_marker("slow")]
+    if slow:
+        terminalreporter.write_sep(
+            "-", f"the fast tier: {len(slow)} slow tests left out, `pytest -m slow` runs them (CI runs both tiers)"
+        )
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in TRANSFORMERS_INDEPENDENT_MODULES:

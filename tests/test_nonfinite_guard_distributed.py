@@ -186,6 +186,7 @@ def test_nan_in_one_micro_batch_skips_its_whole_accumulated_step(tmp_path, monke
     assert skipped_log(trainer) == [0.0, 1.0, 0.0]  # one value per optimizer step
 
 
+@pytest.mark.slow
 def test_stop_rule_counts_optimizer_steps_not_micro_batches(tmp_path, monkeypatch):
     """Every micro-batch of steps 2 on is NaN, 3 micro-batches per step, 2 skipped steps allowed in a row: the run
     stops at step 3, after two whole skipped steps, not inside step 2 after two micro-batches."""
@@ -205,6 +206,7 @@ def test_stop_rule_counts_optimizer_steps_not_micro_batches(tmp_path, monkeypatc
     assert all(torch.equal(value, snapshot.weights[2][name]) for name, value in final_parameters(trainer).items())
 
 
+@pytest.mark.slow
 def test_one_nan_micro_batch_per_step_stops_the_run_and_is_reported_once(tmp_path, monkeypatch):
     """A NaN in the first of 2 micro-batches of every step from step 2 on: each of those steps is skipped, the finite
     micro-batch after the NaN does not reset the count, and the console says it once, then sums it up in the error."""
