@@ -8,10 +8,12 @@ Built once per session:
 - the tokenizers `build_tiny_vlm` trains (`trained_tokenizers_once`, automatic);
 - `gpu_check_rehearsal`: the GPU check's CPU rehearsal (tests/test_gpu_check.py, tests/test_benchmark_smoke.py).
 
-The transformers 5.17.0 pass of `.ci/run` leaves out the tests marked `transformers_independent`: what they check is
-computed by vppo_trl's own code from tensors, numbers and strings (no processor or tokenizer, model class, generation,
-TRL trainer or checkpoint), so it cannot differ between transformers versions. A test is marked explicitly, or by
-its module in `TRANSFORMERS_INDEPENDENT_MODULES`; a test file added without either runs in both passes.
+Plain `pytest` runs the fast tier (pyproject's `-m 'not slow'`) and ends by counting the slow tests it left out;
+`pytest -m slow` runs those. The transformers 5.17.0 pass of `.ci/run` (both tiers) leaves out the tests marked
+`transformers_independent`: what they check is computed by vppo_trl's own code from tensors, numbers and strings (no
+processor or tokenizer, model class, generation, TRL trainer or checkpoint), so it cannot differ between transformers
+versions. A test is marked explicitly, or by its module in `TRANSFORMERS_INDEPENDENT_MODULES`; a test file added
+without either runs in both passes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ def pytest_configure(config):
         "transformers_independent: checks only vppo_trl's own computations (no processor, model class, generation, "
         "TRL trainer or checkpoint): CI's transformers 5.17.0 pass leaves it out",
     )
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The fast tier (plain `pytest`, pyproject's `-m 'not slow'`) ends by naming what it left out, how to run it."""
+    if config.option.markexpr != "not slow":
+        return
+    slow = [item for item in terminalreporter.stats.get("deselected", []) if item.get_closest_marker("slow")]
+    if slow:
+        tests = f"{len(slow)} slow test{'s' if len(slow) > 1 else ''}"
+        terminalreporter.write_sep("-", f"the fast tier: {tests} left out; `pytest -m slow` runs them, CI both tiers")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -35,6 +35,7 @@ def result(gpu_check_rehearsal) -> dict:
     return json.loads(Path(check["overhead"]["skip_off"]["summary_file"]).read_text())
 
 
+@pytest.mark.slow
 def test_json_has_every_key_with_sane_types(result):
     """Every figure benchmarks/README.md and RESULTS.md read, with its type."""
     assert result["complete"] is True
@@ -73,6 +74,7 @@ def test_json_has_every_key_with_sane_types(result):
     assert isinstance(result["git"]["commit"], str) and isinstance(result["git"]["package_modified"], list)
 
 
+@pytest.mark.slow
 def test_both_trainers_ran_every_step_from_the_same_weights(result):
     assert result["weights_identical"] is True
     assert result["completion_lengths_fixed"] is True

@@ -227,6 +227,7 @@ def sweep_run(tmp_path_factory):
     return folder, summary, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_the_sweep_tabulates_both_methods_per_seed_and_their_paired_difference(sweep_run, capsys):
     folder, summary, printed = sweep_run
     table = (folder / "results.md").read_text()
@@ -262,6 +263,7 @@ def test_the_sweep_tabulates_both_methods_per_seed_and_their_paired_difference(s
     assert "(2 already done)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_sweep_of_vppo_alone_tabulates_it_without_a_comparison(sweep_run):
     folder, _, _ = sweep_run
     sweep = load_sweep()
@@ -275,6 +277,7 @@ def test_the_sweep_of_vppo_alone_tabulates_it_without_a_comparison(sweep_run):
     assert f"- VPPO: 0 of 2 seeds learned; median steps trained {QUICK_STEPS}," in table
 
 
+@pytest.mark.slow
 def test_a_method_added_to_the_sweep_trains_only_that_method_from_the_same_warm_start(sweep_run, tmp_path):
     shutil.copy(sweep_run[0] / "seed0.json", tmp_path / "seed0.json")
     before = json.loads((tmp_path / "seed0.json").read_text())

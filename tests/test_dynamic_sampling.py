@@ -240,6 +240,7 @@ def test_round_limit_raise(tmp_path):
         trainer.train()
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_num_iterations_and_max_steps_across_epochs(tmp_path):
     trainer = make_trainer(
         tmp_path,
@@ -367,7 +368,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes(tmp_path):
     output = tmp_path / "run"
     command = [

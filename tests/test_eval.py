@@ -250,6 +250,7 @@ def test_interrupted_run_resumes_to_the_same_results(workspace, tmp_path, warm_p
     assert (interrupted / "samples.jsonl").read_text() == (tmp_path / "straight" / "samples.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_accelerate_launch_shards_problems_and_matches_one_process(workspace, tmp_path):
     """Two processes (`accelerate launch`, gloo on CPU) share the chunks and draw the samples one process draws."""
     data_root = str(workspace / "vppo-eval" / "data")

@@ -36,6 +36,7 @@ def smoke(tmp_path_factory, warm_python) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_run_summary_table_and_plot(smoke):
     benchmark = load_benchmark()
     assert set(benchmark.DEFAULT_METHODS) == {"grpo", "vppo", "tgf_only", "tas_only", "random"}

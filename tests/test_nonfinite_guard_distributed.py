@@ -210,6 +210,7 @@ def assert_optimizer_given_back(trainer) -> None:
     assert not trainer.accelerator.optimizer_step_was_skipped
 
 
+@pytest.mark.slow
 def test_stop_rule_counts_optimizer_steps_not_micro_batches(tmp_path, monkeypatch):
     """Every micro-batch of steps 2 on is NaN, 3 micro-batches per step, 2 skipped steps allowed in a row: the run
     stops at step 3, after two whole skipped steps, not inside step 2 after two micro-batches."""
@@ -230,6 +231,7 @@ def test_stop_rule_counts_optimizer_steps_not_micro_batches(tmp_path, monkeypatc
     assert_optimizer_given_back(trainer)  # also after the error, raised inside the skipped step 3
 
 
+@pytest.mark.slow
 def test_one_nan_micro_batch_per_step_stops_the_run_and_is_reported_once(tmp_path, monkeypatch):
     """A NaN in the first of 2 micro-batches of every step from step 2 on: each of those steps is skipped, the finite
     micro-batch after the NaN does not reset the count, and the console says it once, then sums it up in the error."""
