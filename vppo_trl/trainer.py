@@ -30,6 +30,22 @@ logger = logging.get_logger(__name__)
 DEFERRED_KEY = "vppo_perturbed_logps"
 
 
+def refuse_vllm_server_without_cuda(args: VPPOConfig) -> None:
+    """
+    TRL's server mode sends the trained weights to `trl vllm-serve` through vLLM's NCCL weight-transfer engine, which
+    needs a CUDA device on the trainer's side. Without one, TRL first waits for the server (`vllm_server_timeout`)
+    and then fails in the weight sync; here the run is refused before anything starts.
+    """
+    if args.use_vllm and args.vllm_mode == "server" and args.device.type != "cuda":
+        raise ValueError(
+            f"vllm_mode='server' needs a CUDA device, and this process trains on '{args.device}': TRL sends the "
+            "trained weights to the vLLM server over NCCL (vLLM's weight-transfer engine), which runs only on CUDA, "
+            "so the server would keep generating from the initial weights. Use vllm_mode='colocate', which runs a "
+            "vLLM engine inside each training process and loads the weights in place (on CPU too, with vLLM's CPU "
+            "build)."
+        )
+
+
 class VPPOTrainer(
     VisualDependencyPassesMixin,
     DynamicSamplingMixin,
@@ -78,6 +94,7 @@ class VPPOTrainer(
             args = VPPOConfig(f"{model_name.split('/')[-1]}-VPPO")
         elif not isinstance(args, VPPOConfig):
             raise TypeError(f"args must be a VPPOConfig, got {type(args).__name__}.")
+        refuse_vllm_server_without_cuda(args)
         super().__init__(model, reward_funcs, args=args, **kwargs)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if tokenizer.padding_side != "left":
