@@ -136,10 +136,20 @@ class VPPOTrainer(
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
         # Name a prompt the model's context cannot hold, rather than run past it (RoPE) or fail in the generator.
         check_prompt_lengths(prompts, prompt_ids, self.args.max_completion_length, self.model.config)
-        if images is not None:
-            # TRL marks a text-only prompt's images None, which processors reject in a batch mixing text and images.
-            images = [prompt_images or [] for prompt_images in images]
         return prompt_ids, images, multimodal_fields
+
+    def _generate(self, prompts: list):
+        """
+        TRL's generation, with each text-only prompt's images made `[]` for the processor that scores the batch.
+
+        A text-only prompt's images are TRL's `None` while generating: every generation backend expects it (vLLM
+        attaches an image to each prompt whose list is not `None`). Only the processor call after generation, which
+        rejects `None` in a batch mixing text and images, gets the empty list, here, where generation hands it over.
+        """
+        *generated, images, tool_images = super()._generate(prompts)
+        if images is not None:
+            images = [prompt_images or [] for prompt_images in images]
+        return *generated, images, tool_images
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         output = super()._generate_and_score_completions(inputs)
