@@ -21,6 +21,7 @@ from .tiny_qwen import (
     build_tokenizer,
     suppressed_token_ids,
 )
+from .vllm_models import VLLM_FAMILIES, VLLM_HEAD_DIM, build_vllm_model, save_vllm_model
 from .workspace import TINY_DATASET_FILE, TINY_MODEL_DIR, save_tiny_workspace, tiny_main
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TINY_DATASET_FILE",
     "TINY_MODEL_DIR",
+    "VLLM_FAMILIES",
+    "VLLM_HEAD_DIM",
     "VLM_FAMILIES",
     "Family",
     "build_family",
@@ -39,6 +42,7 @@ __all__ = [
     "build_processor",
     "build_tiny_vlm",
     "build_tokenizer",
+    "build_vllm_model",
     "cached_family",
     "colour_reward",
     "exit_cleanly",
@@ -46,6 +50,7 @@ __all__ = [
     "make_colour_dataset",
     "make_shape_image",
     "save_tiny_workspace",
+    "save_vllm_model",
     "suppressed_token_ids",
     "tiny_main",
 ]
