@@ -23,27 +23,12 @@ from .method.core import TOKEN_SUM_LOSS_TYPES, entropy_penalty, token_dependency
 from .method.model_card import append_vppo_section
 from .method.passes import VisualDependencyPassesMixin
 from .method.shaping import ShapingSettings, shape_advantages
+from .vllm_support import refuse_vllm_server_without_cuda, reload_colocated_weights
 
 logger = logging.get_logger(__name__)
 
 # Batch keys of a generation batch whose TGF and TAS wait for the loss's forward pass (see `_defers_original_logps`).
 DEFERRED_KEY = "vppo_perturbed_logps"
-
-
-def refuse_vllm_server_without_cuda(args: VPPOConfig) -> None:
-    """
-    TRL's server mode sends the trained weights to `trl vllm-serve` through vLLM's NCCL weight-transfer engine, which
-    needs a CUDA device on the trainer's side. Without one, TRL first waits for the server (`vllm_server_timeout`)
-    and then fails in the weight sync; here the run is refused before anything starts.
-    """
-    if args.use_vllm and args.vllm_mode == "server" and args.device.type != "cuda":
-        raise ValueError(
-            f"vllm_mode='server' needs a CUDA device, and this process trains on '{args.device}': TRL sends the "
-            "trained weights to the vLLM server over NCCL (vLLM's weight-transfer engine), which runs only on CUDA, "
-            "so the server would keep generating from the initial weights. Use vllm_mode='colocate', which runs a "
-            "vLLM engine inside each training process and loads the weights in place (on CPU too, with vLLM's CPU "
-            "build)."
-        )
 
 
 class VPPOTrainer(
@@ -96,6 +81,8 @@ class VPPOTrainer(
             raise TypeError(f"args must be a VPPOConfig, got {type(args).__name__}.")
         refuse_vllm_server_without_cuda(args)
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
+            self.vllm_generation.sync_weights = functools.partial(reload_colocated_weights, self.vllm_generation)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if tokenizer.padding_side != "left":
             # GRPOTrainer left-pads prompts; a right-padding processor would misalign `mm_token_type_ids` with them
