@@ -15,7 +15,7 @@ import pytest
 from processes import TORCH_EXTENSIONS_DIR, ZERO3_CONFIG, free_port
 
 from vppo_trl import VPPOConfig, VPPOTrainer
-from vppo_trl.testing import COLOURS, build_tiny_vlm, make_colour_dataset
+from vppo_trl.testing import make_colour_dataset, save_vllm_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).parent / "scripts" / "two_process_vllm.py"
@@ -45,17 +45,9 @@ def test_server_mode_without_cuda_is_refused_naming_the_reason_and_colocate(tiny
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_vllm_model(folder: Path) -> Path:
-    """A tiny Qwen2.5-VL whose heads vLLM's CPU attention serves (32 wide), saved with its processor."""
-    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, )
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def launch(folder: Path, launch_args: list[str], data: str) -> list[dict]:
     """One `accelerate launch` of two processes training VPPO with vLLM colocated; each rank's record."""
-    model_dir = save_vllm_model(folder / "model")
+    model_dir = save_vllm_model(folder / "model", "qwen2_5_vl")
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launch_args,
         "--num_processes", "2", "--main_process_port", str(free_port()),
@@ -82,6 +74,12 @@ def zero3_run(tmp_path_factory) -> list[dict]:
     return launch(folder, ["--config_file", str(folder / "zero3.yaml")], "alternating_text")
 
 
+UNPACKED = {"model.language_model.embed_tokens.weight", "model.language_model.norm.weight",
+            "model.visual.patch_embed.proj.weight", "model.visual.merger.ln_q.weight"}  # fmt: skip
+# The engine computes in bfloat16 (vLLM's CPU default for a float32 checkpoint), the trainer in float32
+LOGP_MEAN_TOLERANCE, LOGP_MAX_TOLERANCE = 0.05, 0.15
+
+
 def check_engines_follow_the_trainer(results: list[dict]) -> None:
     """Each rank's engine, after every weight sync, holds exactly the trainer's weights (in the engine's dtype), the
     trained ones from the second step on, and both ranks' engines hold the same weights."""
@@ -91,14 +89,19 @@ def check_engines_follow_the_trainer(results: list[dict]) -> None:
         first, second = result["syncs"]
         assert [first["step"], second["step"]] == [0, 1]
         for sync in result["syncs"]:
-            # vLLM fuses q/k/v and gate/up; every other tensor is compared one to one
-            assert len(sync["matched"]) >= result["syncs"][0]["trainer_parameters"] // 2
+            # What the engine holds as the checkpoint has it: embeddings, norms, biases, the patch embedding (its
+            # linear weights are packed for its CPU kernels, checked through its log-probs below)
+            assert len(sync["matched"]) >= 20 and UNPACKED <= set(sync["matched"])
             assert sync["equal_to_trainer"] == sync["matched"]
         assert second["changed_since_first_sync"] == second["matched"]
     for sync_0, sync_1 in zip(results[0]["syncs"], results[1]["syncs"], strict=True):
         assert sync_0["engine_checksum"] == sync_1["engine_checksum"]
     for log_0, log_1 in zip(results[0]["logs"], results[1]["logs"], strict=True):
         assert log_0["reward"] == log_1["reward"] and log_0["vppo/token_fraction"] == log_1["vppo/token_fraction"]
+        # The engine sampled from the trainer's current weights, packed linear layers included: its log-probs of
+        # the sampled tokens are the trainer's up to the engine's arithmetic (stale weights: far apart)
+        assert log_0["sampling/sampling_logp_difference/mean"] < LOGP_MEAN_TOLERANCE
+        assert log_0["sampling/sampling_logp_difference/max"] < LOGP_MAX_TOLERANCE
 
 
 @requires_vllm
@@ -118,3 +121,74 @@ def test_two_processes_zero3_with_a_text_only_process_and_colocated_engines(zero
     first, second = zero3_run
     assert all(count > 0 for count in first["images_per_step"]), first["images_per_step"]
     assert second["images_per_step"] == [0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `vppo-trl eval --backend vllm`
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_eval(model_dir: Path, data_root: Path, output: Path, backend: str) -> list[dict]:
+    """`vppo-trl eval` as a user runs it, greedy; its samples."""
+    command = [
+        sys.executable, "-m", "vppo_trl.cli", "eval", "--model", str(model_dir), "--benchmarks", "geo3k,mmmu_pro",
+        "--data-root", str(data_root), "--output-dir", str(output), "--backend", backend, "--k", "1",
+        "--temperature", "0", "--max-new-tokens", "8", "--min-pixels", "none", "--max-pixels", "3136",
+        "--dtype", "float32", "--max-model-len", "1024",
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **VLLM_ENV})
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    assert "| Geo3k | 4 |" in completed.stdout and "| MMMU-Pro | 4 |" in completed.stdout
+    return [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
+
+
+@requires_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_eval_with_the_vllm_backend_generates_what_the_hf_backend_does(tmp_path):
+    """Greedy decoding of the same float32 model: vLLM (its prompt rendering, image inputs, sampling settings) gives
+    the completions `model.generate` gives."""
+    from test_eval import write_paper_data
+
+    model_dir = save_vllm_model(tmp_path / "model", "qwen2_5_vl")
+    data_root = write_paper_data(tmp_path, {"hiyouga_geometry3k": "open", "MMMU_MMMU_Pro": "letter"}, count=4)
+    by_vllm = run_eval(model_dir, data_root, tmp_path / "vllm", "vllm")
+    by_hf = run_eval(model_dir, data_root, tmp_path / "hf", "hf")
+    key = lambda sample: (sample["benchmark"], sample["problem_id"], sample["sample"])  # noqa: E731
+    assert sorted(map(key, by_vllm)) == sorted(map(key, by_hf)) and len(by_vllm) == 8
+    hf_texts = {key(sample): sample["completion"] for sample in by_hf}
+    assert all(sample["length"] > 0 for sample in by_vllm)
+    assert {key(sample): sample["completion"] for sample in by_vllm} == hf_texts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recipes/cpu_vllm.yaml, as its header says to run it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def header_command(recipe: Path, program: str) -> list[str]:
+    """The `#   [ENV=VALUE ...] vppo-trl PROGRAM ...` line of a recipe's header, as an argv."""
+    header = [line for line in recipe.read_text().splitlines() if line.startswith("#   ")]
+    return next(line[4:].split() for line in header if f"vppo-trl {program}" in line)
+
+
+@requires_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_cpu_vllm_recipe_trains_as_its_header_says(tmp_path):
+    recipe = ROOT / "recipes" / "cpu_vllm.yaml"
+    python = [sys.executable, "-m", "vppo_trl.cli"]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR}
+    tiny = header_command(recipe, "tiny")
+    assert tiny[0] == "vppo-trl"
+    subprocess.run([*python, *tiny[1:]], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    train = header_command(recipe, "train")
+    assert train[-4:] == ["vppo-trl", "train", "--config", "recipes/cpu_vllm.yaml"]
+    env.update(assignment.split("=", 1) for assignment in train[:-4])
+    completed = subprocess.run(
+        [*python, "train", "--config", str(recipe), "--save_strategy", "no"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    logs = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    assert logs
