@@ -6,6 +6,7 @@ Qwen2.5-VL-7B-Instruct's architecture, built here because it is a benchmark's mo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,7 @@ def saved_for_vllm(model, processor, output_dir: str):
     folder = Path(output_dir) / "policy"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    model.config._name_or_path = str(folder)
+    model.name_or_path = model.config._name_or_path = str(folder)
     return model
 
 
@@ -282,10 +283,16 @@ def build_trainer(role: str, settings: Settings, model, processor, output_dir: s
             **common, dependency_estimator=settings.estimator, skip_zero_advantage=settings.skip_zero_advantage
         )
         trainer_cls = VPPOTrainer
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model,
         reward_funcs=make_reward(settings.zero_advantage_share),
         args=args,
         train_dataset=dataset,
         processing_class=processor,
     )
+    if role == "grpo" and settings.vllm and settings.device == "cpu":
+        # TRL's own weight load fails on vLLM's CPU build; GRPO syncs the way VPPOTrainer does there
+        from vppo_trl.vllm_support import reload_colocated_weights
+
+        trainer.vllm_generation.sync_weights = functools.partial(reload_colocated_weights, trainer.vllm_generation)
+    return trainer
