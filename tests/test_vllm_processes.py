@@ -185,6 +185,7 @@ def test_cpu_vllm_recipe_trains_as_its_header_says(tmp_path):
     recipe = ROOT / "recipes" / "cpu_vllm.yaml"
     python = [sys.executable, "-m", "vppo_trl.cli"]
     env = {name: value for name, value in os.environ.items() if name != "VLLM_CPU_KVCACHE_SPACE"}
+    env["MASTER_PORT"] = str(free_port())  # the engine's process group of one: not the default 29500 others may hold
     tiny = header_command(recipe, "tiny")
     assert tiny[0] == "vppo-trl"
     subprocess.run([*python, *tiny[1:]], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
