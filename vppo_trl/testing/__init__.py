@@ -21,7 +21,7 @@ from .tiny_qwen import (
     build_tokenizer,
     suppressed_token_ids,
 )
-from .vllm_models import VLLM_FAMILIES, VLLM_HEAD_DIM, build_vllm_model, save_vllm_model
+from .vllm_models import VLLM_FAMILIES, VLLM_HEAD_DIM, build_vllm_model, save_vllm_model, vllm_cpu_keeps_weights
 from .workspace import TINY_DATASET_FILE, TINY_MODEL_DIR, save_tiny_workspace, tiny_main
 
 __all__ = [
@@ -53,4 +53,5 @@ __all__ = [
     "save_vllm_model",
     "suppressed_token_ids",
     "tiny_main",
+    "vllm_cpu_keeps_weights",
 ]

@@ -2,12 +2,18 @@
 
 vLLM's CPU attention has no kernel for the 16-wide heads of the other test models (`Unsupported CPU attention
 configuration: head_dim=16`); 32 works. vLLM loads a model from a folder, so :func:`save_vllm_model` writes one.
+
+vLLM's CPU build also packs each linear layer's weight for its kernels once a model is loaded and drops the
+parameter, so that TRL's colocate weight sync, which loads the trainer's weights into the engine's parameters, fails
+(`'Parameter' object has no attribute 'weight_loader'`); GPU builds keep them. :func:`vllm_cpu_keeps_weights` makes
+engines started in this process keep them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,3 +78,23 @@ def save_vllm_model(
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def _plain_linear(layer: torch.nn.Module, remove_weight: bool) -> None:
+    """vLLM's CPU GEMM dispatch, its plain fallback case only: `F.linear` on the layer's own weight, kept."""
+    layer.cpu_linear = torch.nn.functional.linear
+
+
+@contextlib.contextmanager
+def vllm_cpu_keeps_weights() -> Iterator[None]:
+    """Within this context, vLLM engines started in this process (TRL's colocate mode runs them in the training
+    process) keep their linear layers' weights as parameters, as GPU builds do, so that TRL's weight sync loads into
+    them and generation uses them. Costs vLLM's CPU build its packed kernels (irrelevant for these tiny models)."""
+    from vllm.model_executor.layers import utils
+
+    dispatch = utils.dispatch_cpu_unquantized_gemm
+    utils.dispatch_cpu_unquantized_gemm = _plain_linear
+    try:
+        yield
+    finally:
+        utils.dispatch_cpu_unquantized_gemm = dispatch
