@@ -121,6 +121,8 @@ class VPPOTrainer(
 
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        # Some processors (Mistral 3's) return the ids as a tensor, which vLLM cannot take as `prompt_token_ids`.
+        prompt_ids = [ids.tolist() if isinstance(ids, torch.Tensor) else ids for ids in prompt_ids]
         # Name a prompt the model's context cannot hold, rather than run past it (RoPE) or fail in the generator.
         check_prompt_lengths(prompts, prompt_ids, self.args.max_completion_length, self.model.config)
         return prompt_ids, images, multimodal_fields
