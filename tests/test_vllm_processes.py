@@ -65,7 +65,8 @@ def launch(folder: Path, launch_args: list[str], data: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> list[dict]:
-    return launch(tmp_path_factory.mktemp("vllm_ddp"), ["--multi_gpu"], "colour")
+    """DDP, the same images every step: an engine's image caches must not outlive a weight sync."""
+    return launch(tmp_path_factory.mktemp("vllm_ddp"), ["--multi_gpu"], "repeated_images")
 
 
 @pytest.fixture(scope="module")

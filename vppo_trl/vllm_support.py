@@ -34,10 +34,16 @@ def reload_colocated_weights(generation: VLLMGeneration) -> None:
     TRL hands each tensor to the engine model's `load_weights`. vLLM's CPU build packs every linear layer's weight
     into its GEMM kernel's format once loaded and leaves an empty parameter behind, so that call fails
     ("'Parameter' object has no attribute 'weight_loader'"). vLLM's own in-place reload restores the layers, loads
-    the checkpoint-format tensors and packs them again; it also drops the engine's image-feature caches, which were
-    computed with the old vision tower. The tensors are TRL's (`_iter_named_params`: gathered one at a time under
-    ZeRO-3 on every rank, LoRA merged).
+    the checkpoint-format tensors and packs them again. The tensors are TRL's (`_iter_named_params`: gathered one at a
+    time under ZeRO-3 on every rank, LoRA merged).
+
+    The reload also empties the model runner's image caches, which were computed with the old vision tower; the
+    engine's other ends of them (the scheduler's record of cached encoder outputs, the processed-input cache) are
+    emptied with it, else an image seen before is scheduled as cached and vLLM fails ("Encoder cache miss").
     """
-    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    llm = generation.llm
+    runner = llm.llm_engine.model_executor.driver_worker.model_runner
     runner.reload_weights(weights_iterator=generation._iter_named_params(), is_checkpoint_format=True)
-    generation.llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()
+    llm.reset_prefix_cache()

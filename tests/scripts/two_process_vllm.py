@@ -3,9 +3,9 @@ steps per job, recording after every weight sync how the engine's weights compar
 
     two_process_vllm.py OUTPUT_PATH MODEL_DIR DATA
 
-MODEL_DIR is a saved tiny VLM whose heads vLLM's CPU attention serves; DATA is `colour`, or `alternating_text` (rank 1
-gets only text-only prompts). One job per launch: a process holds one engine. Each rank writes
-OUTPUT_PATH.rank{R}.json.
+MODEL_DIR is a saved tiny VLM whose heads vLLM's CPU attention serves; DATA is `repeated_images` (the same 4 images
+every step) or `alternating_text` (rank 1 gets only text-only prompts). One job per launch: a process holds one
+engine. Each rank writes OUTPUT_PATH.rank{R}.json.
 """
 
 import json
@@ -71,6 +71,13 @@ class SyncRecorder:
         )
 
 
+DATASETS = {
+    # 4 prompts per step over both processes: every step shows the engine the images it saw before the last sync
+    "repeated_images": lambda: make_colour_dataset(4, seed=3),
+    "alternating_text": lambda: alternating_text_dataset(32),
+}
+
+
 def train(output_path: str, model_dir: str, data: str) -> None:
     args = VPPOConfig(
         output_dir=f"{output_path}.out",
@@ -85,7 +92,7 @@ def train(output_path: str, model_dir: str, data: str) -> None:
         save_strategy="no",
         logging_steps=1,
         seed=11,
-        shuffle_dataset=data == "colour",
+        shuffle_dataset=data == "repeated_images",
         use_vllm=True,
         vllm_mode="colocate",
         vllm_max_model_length=512,
@@ -94,7 +101,7 @@ def train(output_path: str, model_dir: str, data: str) -> None:
         model=model_dir,
         reward_funcs=alternating_reward,
         args=args,
-        train_dataset=make_colour_dataset(32, seed=3) if data == "colour" else alternating_text_dataset(32),
+        train_dataset=DATASETS[data](),
     )
     syncs = SyncRecorder(trainer)
     with Recorder() as recorder:
