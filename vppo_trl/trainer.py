@@ -23,7 +23,7 @@ from .method.core import TOKEN_SUM_LOSS_TYPES, entropy_penalty, token_dependency
 from .method.model_card import append_vppo_section
 from .method.passes import VisualDependencyPassesMixin
 from .method.shaping import ShapingSettings, shape_advantages
-from .vllm_support import refuse_vllm_server_without_cuda, reload_colocated_weights
+from .vllm_support import engine_dropped_weights, refuse_vllm_server_without_cuda, reload_colocated_weights
 
 logger = logging.get_logger(__name__)
 
@@ -81,7 +81,7 @@ class VPPOTrainer(
             raise TypeError(f"args must be a VPPOConfig, got {type(args).__name__}.")
         refuse_vllm_server_without_cuda(args)
         super().__init__(model, reward_funcs, args=args, **kwargs)
-        if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
+        if self.use_vllm and self.vllm_mode == "colocate" and engine_dropped_weights(self.vllm_generation):
             self.vllm_generation.sync_weights = functools.partial(reload_colocated_weights, self.vllm_generation)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if tokenizer.padding_side != "left":

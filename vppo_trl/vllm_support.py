@@ -27,9 +27,17 @@ def refuse_vllm_server_without_cuda(args: VPPOConfig) -> None:
         )
 
 
+def engine_dropped_weights(generation: VLLMGeneration) -> bool:
+    """Whether the colocated engine left empty parameters behind after loading (vLLM's CPU build, which packs linear
+    weights for its kernels): TRL's per-tensor weight load cannot load into those."""
+    model = generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+    return any(param.numel() == 0 for param in model.parameters())
+
+
 def reload_colocated_weights(generation: VLLMGeneration) -> None:
     """
-    The colocated engine's weight sync on vLLM's CPU build, in place of TRL's `VLLMGeneration.sync_weights`.
+    The colocated engine's weight sync where the engine dropped its weights (`engine_dropped_weights`), in place of
+    TRL's `VLLMGeneration.sync_weights`.
 
     TRL hands each tensor to the engine model's `load_weights`. vLLM's CPU build packs every linear layer's weight
     into its GEMM kernel's format once loaded and leaves an empty parameter behind, so that call fails

@@ -290,9 +290,10 @@ def build_trainer(role: str, settings: Settings, model, processor, output_dir: s
         train_dataset=dataset,
         processing_class=processor,
     )
-    if role == "grpo" and settings.vllm and settings.device == "cpu":
-        # TRL's own weight load fails on vLLM's CPU build; GRPO syncs the way VPPOTrainer does there
-        from vppo_trl.vllm_support import reload_colocated_weights
+    if role == "grpo" and settings.vllm:
+        from vppo_trl.vllm_support import engine_dropped_weights, reload_colocated_weights
 
-        trainer.vllm_generation.sync_weights = functools.partial(reload_colocated_weights, trainer.vllm_generation)
+        if engine_dropped_weights(trainer.vllm_generation):
+            # TRL's own weight load fails on vLLM's CPU build; GRPO syncs the way VPPOTrainer does there
+            trainer.vllm_generation.sync_weights = functools.partial(reload_colocated_weights, trainer.vllm_generation)
     return trainer
