@@ -44,6 +44,7 @@ def optimizer_batch(args: VPPOConfig, num_gpus: int) -> int:
 def test_the_expected_recipes_exist():
     assert [path.name for path in RECIPE_FILES] == [
         "cpu_demo.yaml",
+        "cpu_vllm.yaml",
         "gemma3_4b.yaml",
         "qwen2_5_vl_32b_paper.yaml",
         "qwen2_5_vl_3b_lora_single_gpu.yaml",
@@ -192,6 +193,17 @@ def test_cpu_demo_recipe_header_names_the_command_that_builds_its_inputs():
     # What `vppo-trl tiny --output-dir .` writes is what the recipe reads
     assert model_args.model_name_or_path == f"./{TINY_MODEL_DIR}"
     assert script_args.dataset_name == f"./{TINY_DATASET_FILE}"
+
+
+def test_cpu_vllm_recipe_is_the_cpu_demo_with_vllm_colocated():
+    _, demo, _ = parse(RECIPES / "cpu_demo.yaml")
+    script_args, args, model_args = parse(RECIPES / "cpu_vllm.yaml")
+    assert args.use_cpu and args.use_vllm and args.vllm_mode == "colocate"
+    assert (model_args.model_name_or_path, script_args.dataset_name) == ("./tiny-qwen2.5-vl", "./tiny-colour.parquet")
+    header = "".join(takewhile(lambda line: line.startswith("#"), (RECIPES / "cpu_vllm.yaml").open()))
+    assert "#   vppo-trl tiny --output-dir . --head-dim 32\n" in header
+    for name in ("perturbation", "token_filter_ratio", "entropy_penalty_coef", "num_generations", "learning_rate"):
+        assert getattr(args, name) == getattr(demo, name), name
 
 
 @pytest.mark.parametrize(

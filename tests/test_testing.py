@@ -11,6 +11,8 @@ from vppo_trl.testing import (
     COLOURS,
     FAMILIES,
     SPECIAL_TOKENS,
+    VLLM_FAMILIES,
+    VLLM_HEAD_DIM,
     VLM_FAMILIES,
     build_model,
     build_processor,
@@ -21,6 +23,7 @@ from vppo_trl.testing import (
     family_available,
     make_colour_dataset,
     make_shape_image,
+    save_vllm_model,
     suppressed_token_ids,
 )
 
@@ -385,3 +388,27 @@ def test_family_builds_with_its_real_classes_and_reloads_offline(family, tmp_pat
     assert type(reloaded_model) is type(model)
     with torch.no_grad():
         torch.testing.assert_close(reloaded_model(**again).logits, model(**first).logits)
+
+
+@pytest.mark.parametrize("family", VLLM_FAMILIES)
+def test_vllm_models_have_32_wide_heads_and_reload_offline(family, tmp_path, monkeypatch):
+    """vLLM's CPU attention has no kernel for 16-wide heads; these models, saved where vLLM loads them from, have
+    32-wide heads, text and vision, and reload with their processor (tests/test_vllm.py serves them with vLLM)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = save_vllm_model(tmp_path, family)
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    text, vision = model.config.get_text_config(), model.config.vision_config
+    assert text.hidden_size // text.num_attention_heads == VLLM_HEAD_DIM
+    assert getattr(text, "head_dim", None) in (None, VLLM_HEAD_DIM)
+    vision_heads = getattr(vision, "num_heads", None) or vision.num_attention_heads
+    assert vision.hidden_size // vision_heads == VLLM_HEAD_DIM
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": COLOUR_QUESTION}]}]
+    text_prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    image = make_shape_image("red", random.Random(0))
+    inputs = processor(images=[[image]], text=[text_prompt], return_tensors="pt")
+    assert "pixel_values" in inputs
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

@@ -23,6 +23,7 @@ from .method.core import TOKEN_SUM_LOSS_TYPES, entropy_penalty, token_dependency
 from .method.model_card import append_vppo_section
 from .method.passes import VisualDependencyPassesMixin
 from .method.shaping import ShapingSettings, shape_advantages
+from .vllm_support import engine_dropped_weights, refuse_vllm_server_without_cuda, reload_colocated_weights
 
 logger = logging.get_logger(__name__)
 
@@ -78,7 +79,10 @@ class VPPOTrainer(
             args = VPPOConfig(f"{model_name.split('/')[-1]}-VPPO")
         elif not isinstance(args, VPPOConfig):
             raise TypeError(f"args must be a VPPOConfig, got {type(args).__name__}.")
+        refuse_vllm_server_without_cuda(args)
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        if self.use_vllm and self.vllm_mode == "colocate" and engine_dropped_weights(self.vllm_generation):
+            self.vllm_generation.sync_weights = functools.partial(reload_colocated_weights, self.vllm_generation)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if tokenizer.padding_side != "left":
             # GRPOTrainer left-pads prompts; a right-padding processor would misalign `mm_token_type_ids` with them
@@ -120,12 +124,24 @@ class VPPOTrainer(
 
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        # Some processors (Mistral 3's) return the ids as a tensor, which vLLM cannot take as `prompt_token_ids`.
+        prompt_ids = [ids.tolist() if isinstance(ids, torch.Tensor) else ids for ids in prompt_ids]
         # Name a prompt the model's context cannot hold, rather than run past it (RoPE) or fail in the generator.
         check_prompt_lengths(prompts, prompt_ids, self.args.max_completion_length, self.model.config)
-        if images is not None:
-            # TRL marks a text-only prompt's images None, which processors reject in a batch mixing text and images.
-            images = [prompt_images or [] for prompt_images in images]
         return prompt_ids, images, multimodal_fields
+
+    def _generate(self, prompts: list):
+        """
+        TRL's generation, with each text-only prompt's images made `[]` for the processor that scores the batch.
+
+        A text-only prompt's images are TRL's `None` while generating: every generation backend expects it (vLLM
+        attaches an image to each prompt whose list is not `None`). Only the processor call after generation, which
+        rejects `None` in a batch mixing text and images, gets the empty list, here, where generation hands it over.
+        """
+        *generated, images, tool_images = super()._generate(prompts)
+        if images is not None:
+            images = [prompt_images or [] for prompt_images in images]
+        return *generated, images, tool_images
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         output = super()._generate_and_score_completions(inputs)

@@ -15,6 +15,7 @@ import platform
 import re
 import resource
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------------------------------------------
 # Driver side
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class WorkerProcess:
@@ -56,6 +63,8 @@ class WorkerProcess:
         ]
         self.log = open(log_path, "w")  # closed in close(): it lives as long as the worker
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        if settings.vllm:  # each worker's engine sets up a process group of one: on a port of its own
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         self.process = subprocess.Popen(
             command,
             stdout=self.log,

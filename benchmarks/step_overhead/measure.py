@@ -164,6 +164,9 @@ class Baton(TrainerCallback):
             "compute_loss_s": recorder.total("compute_loss"),
             "nograd_forwards": recorder.count("nograd_forward"),
             "nograd_forward_s": recorder.total("nograd_forward"),
+            "processor_s": recorder.total("processor"),
+            "processor_calls": recorder.count("processor"),
+            "sync_weights_s": recorder.total("sync_weights") if settings.vllm else None,
             "peak_mem_bytes": peak,
             "mem_at_step_begin_bytes": self.mem_begin,
             "lengths_fixed": recorder.values.get("lengths_fixed", True),
@@ -202,6 +205,14 @@ def vppo_record(recorder: Recorder) -> dict[str, Any]:
     }
 
 
+def time_processor_calls(processor, recorder: Recorder) -> None:
+    """Time every call of the trainer's processor: the prompts' tokenisation with their images, and TRL's second run
+    for the training forward's `pixel_values`. Python looks `__call__` up on the type, so this one instance gets a
+    subclass of its own (the class is untouched)."""
+    base = type(processor)
+    processor.__class__ = type(base.__name__, (base,), {"__call__": recorder.timed("processor", base.__call__)})
+
+
 def instrument(trainer, recorder: Recorder, role: str, length: int) -> dict[str, Callable]:
     """Wrap trainer methods on the instance (the class is untouched); returns the unwrapped bound methods."""
     names = ["_generate", "_generate_single_turn", "_generate_and_score_completions", "compute_loss"]
@@ -230,6 +241,10 @@ def instrument(trainer, recorder: Recorder, role: str, length: int) -> dict[str,
         originals["_get_per_token_logps_and_entropies"],
         condition=lambda: not torch.is_grad_enabled(),
     )
+    time_processor_calls(trainer.processing_class, recorder)
+    if trainer.use_vllm:
+        generation = trainer.vllm_generation
+        generation.sync_weights = recorder.timed("sync_weights", generation.sync_weights)
     if role != "vppo":
         return originals
 

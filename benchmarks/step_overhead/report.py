@@ -88,6 +88,11 @@ def summarise(settings: Settings, run: dict[str, Any], argv: list[str]) -> dict[
         "vppo_loss_s": med("vppo", "compute_loss_s"),
         "grpo_scoring_s": med("grpo", "scoring_s"),
         "vppo_scoring_s": med("vppo", "scoring_s"),
+        "grpo_processor_s": med("grpo", "processor_s"),
+        "vppo_processor_s": med("vppo", "processor_s"),
+        "processor_calls_per_step": {role: med(role, "processor_calls") for role in ROLES},
+        "grpo_sync_weights_s": med("grpo", "sync_weights_s"),
+        "vppo_sync_weights_s": med("vppo", "sync_weights_s"),
         "grpo_nograd_forwards_per_step": med("grpo", "nograd_forwards"),
         "vppo_nograd_forwards_per_step": med("vppo", "nograd_forwards"),
         "grpo_peak_mem_bytes": grpo_peak,
@@ -134,6 +139,9 @@ def summarise(settings: Settings, run: dict[str, Any], argv: list[str]) -> dict[
             "perturbed_pass_s = VPPO's forward on the perturbed images (rows it measured); original_forward_s = its "
             "forward on the original images, needed by k3 when TRL did not compute old_per_token_logps, and by kl",
             "perturbation_s = VPPOTrainer._perturbed_pixel_values on the step's batch, median of isolated repeats",
+            "processor_s = every call of the trainer's processor in the step (the prompts' tokenisation with their "
+            "images, and TRL's second run for the training forward's pixel_values); sync_weights_s = with --vllm, "
+            "loading the trainer's weights into the colocated engine (part of generation)",
         ],
     }
     return summary
@@ -168,7 +176,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("peak memory ratio", _fmt(summary["peak_mem_ratio"], "x")),
         ("skipped fraction", _fmt(summary["skipped_fraction"], "x")),
         ("perturbation", _fmt(summary["perturbation_s"])),
+        ("processor calls", f"{_fmt(summary['grpo_processor_s'])} / {_fmt(summary['vppo_processor_s'])}"),
     ]
+    if summary["settings"]["vllm"]:
+        sync = f"{_fmt(summary['grpo_sync_weights_s'])} / {_fmt(summary['vppo_sync_weights_s'])}"
+        rows.append(("vLLM weight sync", sync))
     width = max(len(name) for name, _ in rows)
     print(f"{summary['device_name']} | load {summary['load_average_start']} -> {summary['load_average_end']}")
     for name, value in rows:

@@ -65,6 +65,8 @@ class Settings:
     vision_hidden: int = 32
     vision_layers: int = 2
     vocab_size: int | None = None
+    head_dim: int = 16
+    vllm: bool = False
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     optim: str = "sgd"
@@ -121,6 +123,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-layers", type=int, default=None, help="override the preset (e.g. to smoke-test)")
     parser.add_argument("--vision-layers", type=int, default=None, help="override the preset")
     parser.add_argument("--vocab-size", type=int, default=None, help="pad the model vocabulary to this size")
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="generate with a vLLM engine colocated in each worker (TRL's vllm_mode='colocate'); on CPU, vLLM's CPU "
+        "build, whose attention needs heads at least 32 wide (tiny and small then use 32)",
+    )
+    parser.add_argument(
+        "--head-dim", type=int, default=None, help="attention head width of tiny and small (16, 32 with --vllm)"
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cpu: float32, cuda: bfloat16")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--optim", default="sgd", help="HF optimiser name; sgd keeps two 7B trainers on one GPU")
@@ -155,6 +166,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             preset[name] = value
     if args.gradient_checkpointing is not None:
         preset["gradient_checkpointing"] = args.gradient_checkpointing
+    if args.model != "7b-arch":  # the 7B architecture's heads are its own (128 wide)
+        preset["head_dim"] = args.head_dim or (32 if args.vllm else 16)
     settings = Settings(
         device=args.device,
         model=args.model,
@@ -172,6 +185,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         perturbation_reps=args.perturbation_reps,
         threads=args.threads if args.threads is not None else (1 if args.device == "cpu" else None),
         empty_cache_between_turns=args.empty_cache_between_turns,
+        vllm=args.vllm,
         turn_timeout_s=args.turn_timeout,
         **preset,
     )

@@ -6,7 +6,9 @@ Qwen2.5-VL-7B-Instruct's architecture, built here because it is a benchmark's mo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .settings import Settings
@@ -168,6 +170,7 @@ def build_policy(settings: Settings):
         text_layers=settings.text_layers,
         vision_hidden=settings.vision_hidden,
         vision_layers=settings.vision_layers,
+        head_dim=settings.head_dim,
         dtype=getattr(torch, settings.dtype),
     )
     if settings.vocab_size and settings.vocab_size > len(tokenizer):
@@ -216,6 +219,20 @@ def make_reward(share: float) -> Callable[..., list[float]]:
     return benchmark_reward
 
 
+def vllm_generation_kwargs(length: int, suppressed: list[int]) -> dict[str, Any]:
+    """The fixed-length, vision-token-free sampling of `generate`, in vLLM's `SamplingParams` terms."""
+    return {"min_tokens": length, "logit_bias": {token: -100.0 for token in suppressed}}
+
+
+def saved_for_vllm(model, processor, output_dir: str):
+    """vLLM loads the policy from a folder (TRL passes it `model.name_or_path`): save it there, keep training it."""
+    folder = Path(output_dir) / "policy"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    model.name_or_path = model.config._name_or_path = str(folder)
+    return model
+
+
 def build_trainer(role: str, settings: Settings, model, processor, output_dir: str):
     """The role's trainer over the colour task, with fixed-length completions; everything but the class is shared."""
     from trl import GRPOConfig, GRPOTrainer
@@ -227,6 +244,12 @@ def build_trainer(role: str, settings: Settings, model, processor, output_dir: s
     dataset = make_colour_dataset(max(rows, 16), seed=settings.seed, size=settings.image_size)
     dataset = dataset.add_column("prompt_index", list(range(len(dataset))))
     length = settings.max_completion_length
+    suppressed = suppressed_token_ids(processor)
+    # Fixed-length completions: EOS is masked until max_new_tokens; vision tokens are never sampled.
+    generation_kwargs = {"min_new_tokens": length, "suppress_tokens": suppressed}
+    if settings.vllm:
+        generation_kwargs = vllm_generation_kwargs(length, suppressed)
+        model = saved_for_vllm(model, processor, output_dir)
     common = dict(
         output_dir=output_dir,
         per_device_train_batch_size=settings.completions,
@@ -234,8 +257,7 @@ def build_trainer(role: str, settings: Settings, model, processor, output_dir: s
         num_generations=settings.num_generations,
         num_iterations=settings.num_iterations,
         max_completion_length=length,
-        # Fixed-length completions: EOS is masked until max_new_tokens; vision tokens are never sampled.
-        generation_kwargs={"min_new_tokens": length, "suppress_tokens": suppressed_token_ids(processor)},
+        generation_kwargs=generation_kwargs,
         max_steps=settings.total_steps,
         learning_rate=settings.learning_rate,
         lr_scheduler_type="constant",
@@ -250,6 +272,9 @@ def build_trainer(role: str, settings: Settings, model, processor, output_dir: s
         disable_tqdm=True,
         seed=settings.seed,
         dataloader_num_workers=0,
+        use_vllm=settings.vllm,
+        vllm_mode="colocate",
+        vllm_max_model_length=1024 if settings.vllm else None,
     )
     if role == "grpo":
         args, trainer_cls = GRPOConfig(**common), GRPOTrainer
@@ -258,10 +283,17 @@ def build_trainer(role: str, settings: Settings, model, processor, output_dir: s
             **common, dependency_estimator=settings.estimator, skip_zero_advantage=settings.skip_zero_advantage
         )
         trainer_cls = VPPOTrainer
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model,
         reward_funcs=make_reward(settings.zero_advantage_share),
         args=args,
         train_dataset=dataset,
         processing_class=processor,
     )
+    if role == "grpo" and settings.vllm:
+        from vppo_trl.vllm_support import engine_dropped_weights, reload_colocated_weights
+
+        if engine_dropped_weights(trainer.vllm_generation):
+            # TRL's own weight load fails on vLLM's CPU build; GRPO syncs the way VPPOTrainer does there
+            trainer.vllm_generation.sync_weights = functools.partial(reload_colocated_weights, trainer.vllm_generation)
+    return trainer

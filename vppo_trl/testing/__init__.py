@@ -29,6 +29,7 @@ from .tiny_qwen import (
     build_tokenizer,
     suppressed_token_ids,
 )
+from .vllm_models import VLLM_FAMILIES, VLLM_HEAD_DIM, build_vllm_model, save_vllm_model, vllm_cpu_keeps_weights
 from .workspace import TINY_DATASET_FILE, TINY_MODEL_DIR, save_tiny_workspace, tiny_main
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TINY_DATASET_FILE",
     "TINY_MODEL_DIR",
+    "VLLM_FAMILIES",
+    "VLLM_HEAD_DIM",
     "VLM_FAMILIES",
     "Family",
     "build_family",
@@ -47,6 +50,7 @@ __all__ = [
     "build_processor",
     "build_tiny_vlm",
     "build_tokenizer",
+    "build_vllm_model",
     "cached_family",
     "colour_reward",
     "exit_cleanly",
@@ -55,6 +59,8 @@ __all__ = [
     "make_colour_dataset",
     "make_shape_image",
     "save_tiny_workspace",
+    "save_vllm_model",
     "suppressed_token_ids",
     "tiny_main",
+    "vllm_cpu_keeps_weights",
 ]

@@ -293,7 +293,7 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * spatial, spatial, spatial]
 
 
-def _heads(hidden: int, head_dim: int = 16) -> int:
+def _heads(hidden: int, head_dim: int) -> int:
     if hidden % head_dim:
         raise ValueError(f"hidden size {hidden} must be a multiple of {head_dim}")
     return hidden // head_dim
@@ -308,10 +308,12 @@ def build_model(
     vision_hidden: int = 32,
     vision_layers: int = 2,
     dtype: torch.dtype = torch.float32,
+    head_dim: int = 16,
 ) -> PreTrainedModel:
     """A randomly initialised ``*ForConditionalGeneration`` of ``family`` with a tiny config matching ``tokenizer``.
 
-    Heads are 16 wide (``text_hidden`` / ``vision_hidden`` must be multiples of 16). The vocabulary is
+    Attention heads (text and vision) are ``head_dim`` wide, so ``text_hidden`` / ``vision_hidden`` must be multiples
+    of it; vLLM's CPU attention needs at least 32 (see :mod:`vppo_trl.testing.vllm_models`). The vocabulary is
     ``len(tokenizer)`` and all special-token ids (image/video pad, vision start/end, bos/eos/pad) come from the
     tokenizer, so the model works with :func:`build_processor` and TRL without resizing. Deterministic in ``seed``.
     """
@@ -324,8 +326,7 @@ def build_model(
         "vision_end_token_id": vocab["<|vision_end|>"],
     }
     endoftext, im_end = vocab["<|endoftext|>"], vocab["<|im_end|>"]
-    text_heads = _heads(text_hidden)
-    head_dim = text_hidden // text_heads
+    text_heads = _heads(text_hidden, head_dim)
     text = {
         "vocab_size": len(tokenizer),
         "hidden_size": text_hidden,
@@ -340,7 +341,7 @@ def build_model(
     }
     vision = {
         "depth": vision_layers,
-        "num_heads": _heads(vision_hidden),
+        "num_heads": _heads(vision_hidden, head_dim),
         "patch_size": _PATCH_SIZE[family],
         "spatial_merge_size": _MERGE_SIZE,
         "temporal_patch_size": _TEMPORAL_PATCH_SIZE,

@@ -22,14 +22,16 @@ TINY_MODEL_DIR = "tiny-qwen2.5-vl"
 TINY_DATASET_FILE = "tiny-colour.parquet"
 
 
-def save_tiny_workspace(output_dir: str | os.PathLike, num_rows: int = 256, seed: int = 0) -> dict[str, Path]:
-    """Write what ``recipes/cpu_demo.yaml`` trains on to ``output_dir``: a tiny random Qwen2.5-VL with its processor
-    (``tiny-qwen2.5-vl/``) and ``num_rows`` rows of the colour task (``tiny-colour.parquet``: ``problem``,
-    ``images``, ``answer``). Returns both paths."""
+def save_tiny_workspace(
+    output_dir: str | os.PathLike, num_rows: int = 256, seed: int = 0, head_dim: int = 16
+) -> dict[str, Path]:
+    """Write what ``recipes/cpu_demo.yaml`` (and, with ``head_dim=32``, ``recipes/cpu_vllm.yaml``) trains on to
+    ``output_dir``: a tiny random Qwen2.5-VL with its processor (``tiny-qwen2.5-vl/``) and ``num_rows`` rows of the
+    colour task (``tiny-colour.parquet``: ``problem``, ``images``, ``answer``). Returns both paths."""
     from datasets import Dataset
 
     folder = Path(output_dir)
-    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=seed)
+    model, processor = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=seed, head_dim=head_dim)
     paths = {"model": folder / TINY_MODEL_DIR, "dataset": folder / TINY_DATASET_FILE}
     model.save_pretrained(paths["model"])
     processor.save_pretrained(paths["model"])
@@ -47,6 +49,12 @@ class TinyWorkspaceArguments:
     output_dir: str = field(default=".", metadata={"help": "Folder to write tiny-qwen2.5-vl/ and the parquet to."})
     num_rows: int = field(default=256, metadata={"help": "Rows of the colour dataset."})
     seed: int = field(default=0, metadata={"help": "Seed of the model's weights and of the images."})
+    head_dim: int = field(
+        default=16,
+        metadata={
+            "help": "Width of the attention heads; 32 for recipes/cpu_vllm.yaml (vLLM's CPU attention needs it)."
+        },
+    )
 
 
 def tiny_main(argv: list[str] | None = None, prog: str = "vppo-trl tiny") -> dict[str, Path]:
@@ -61,7 +69,7 @@ def tiny_main(argv: list[str] | None = None, prog: str = "vppo-trl tiny") -> dic
     (args,) = parser.parse_dataclasses(argv)
     if args.num_rows < 1:
         parser.error(f"--num-rows must be >= 1, got {args.num_rows}")
-    paths = save_tiny_workspace(args.output_dir, args.num_rows, args.seed)
+    paths = save_tiny_workspace(args.output_dir, args.num_rows, args.seed, args.head_dim)
     print(f"Wrote {paths['model']}/ and {paths['dataset']} ({args.num_rows} rows).")
     return paths
 
