@@ -7,6 +7,7 @@ its first generation (its `_last_loaded_step` starts at -1), and every generatio
 trainer's weights, read back from the engine.
 """
 
+import contextlib
 import copy
 import os
 import random
@@ -19,7 +20,7 @@ try:
 except ImportError:
     pytest.skip(
         "vLLM is not installed; run these tests in the environment .ci/vllm-env builds: "
-        "`bash .ci/vllm-env && .vllm-venv/bin/python -m pytest -m vllm` (docs/vllm.md)",
+        "`bash .ci/vllm-env && .vllm-venv/bin/python -m pytest -m vllm tests/test_vllm*.py` (docs/vllm.md)",
         allow_module_level=True,
     )
 
@@ -37,7 +38,7 @@ from vppo_trl.trainer import DEFERRED_KEY
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-# vLLM's CPU build reserves this many GiB of KV cache per engine (its default, 4, is more than the tests need).
+# The KV cache vLLM's CPU build reserves per engine, in GiB: enough for these tests.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
@@ -120,6 +121,25 @@ def shared_engines():
     with pytest.MonkeyPatch.context() as patch, vllm_cpu_keeps_weights():
         patch.setattr(vllm_generation, "LLM", shared_engine)
         yield started
+
+
+@contextlib.contextmanager
+def process_environment():
+    """The process environment as it was on entry, back on exit: TRL's colocate mode writes `RANK`, `WORLD_SIZE`,
+    `MASTER_ADDR`, ... into it for vLLM, which a later trainer's accelerate would read as a multi-process launch."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_environment():
+    """Each test's trainers start in the module's process environment (see `process_environment`)."""
+    with process_environment():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -322,12 +342,15 @@ def test_equals_grpo_with_vllm_when_vppo_is_off(tmp_path, shared_engines, model_
     that all have images: GRPOTrainer's own scoring processor fails on a batch with a text-only prompt."""
     model_dir = model_dirs("qwen2_5_vl")
     with_images = ("one image", "two images", "wide image")
-    grpo = GRPOTrainer(
-        model=model_dir,
-        reward_funcs=length_reward,
-        args=GRPOConfig(**settings(tmp_path / "grpo")),
-        train_dataset=prompt_dataset(24, with_images),
-    )
+    with process_environment():  # each trainer built and trained as the first of its process
+        grpo = GRPOTrainer(
+            model=model_dir,
+            reward_funcs=length_reward,
+            args=GRPOConfig(**settings(tmp_path / "grpo")),
+            train_dataset=prompt_dataset(24, with_images),
+        )
+        before = parameters(grpo)
+        train(grpo)
     vppo = vppo_trainer(
         model_dir,
         tmp_path / "vppo",
@@ -336,8 +359,6 @@ def test_equals_grpo_with_vllm_when_vppo_is_off(tmp_path, shared_engines, model_
         advantage_shaping=False,
         entropy_penalty_coef=0.0,
     )
-    before = parameters(grpo)
-    train(grpo)
     train(vppo)
     grpo_parameters, vppo_parameters = parameters(grpo), parameters(vppo)
     assert any(not torch.equal(before[name], value) for name, value in grpo_parameters.items())
