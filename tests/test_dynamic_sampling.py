@@ -207,6 +207,7 @@ def test_merged_batch_has_grpo_layout(tmp_path, monkeypatch):
     assert torch.equal(reprocessed, batch["pixel_values"])
 
 
+@pytest.mark.slow
 def test_round_limit_continue_tops_up_warns_once_and_counts(tmp_path, caplog):
     trainer = make_trainer(tmp_path, reward=constant_reward, dynamic_sampling_max_rounds=1, max_steps=3)
     with caplog.at_level(logging.WARNING, logger="vppo_trl.longrun.dynamic_sampling"):
@@ -262,6 +263,7 @@ def test_gradient_accumulation_num_iterations_and_max_steps_across_epochs(tmp_pa
     assert "old_per_token_logps" in trainer.loss_inputs[0]
 
 
+@pytest.mark.slow
 def test_disabled_or_nothing_to_drop_changes_nothing(tmp_path):
     """All groups informative: same batches, parameters and logs as without dynamic sampling, which adds no metric."""
     vlm = build_tiny_vlm("qwen2_5_vl", extra_words=COLOURS, seed=3)

@@ -232,6 +232,7 @@ def test_resume_true_skips_an_incomplete_checkpoint_and_an_explicit_one_is_refus
     assert resumed.state.global_step == 2
 
 
+@pytest.mark.slow
 def test_failing_hub_push_keeps_training_and_checkpoints(tmp_path, monkeypatch):
     import transformers.trainer as hf_trainer
 
