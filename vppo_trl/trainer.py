@@ -91,15 +91,15 @@ class VPPOTrainer(
             tokenizer.padding_side = "left"
         self._loss_forward: LossForward | None = None  # the loss being computed, while `_compute_loss` runs
         self._warned_without_images = False
-        # Whether the data's columns say if it has images; when they do not (an iterable dataset), a batch without
-        # images is the only sign. A text-only batch from data with an image column is a mixed dataset's share
-        # (or a process given only text prompts), not data without images.
-        self._image_columns_unknown = getattr(self.train_dataset, "column_names", None) is None
         if args.spotlight_steps > 0:
             from .tools.spotlight_callback import SpotlightCallback  # the viewer is loaded only when it is asked for
 
             self.add_callback(SpotlightCallback(self))
         columns = getattr(self.train_dataset, "column_names", None)
+        # Whether the data's columns say if it has images; when they do not (an iterable dataset), a batch without
+        # images is the only sign. A text-only batch from data with an image column is a mixed dataset's share
+        # (or a process given only text prompts), not data without images.
+        self._image_columns_unknown = columns is None
         if columns is not None and "images" not in columns and "image" not in columns:
             self._warn_without_images("The training data has no images ('images' or 'image' column)")
 
