@@ -1,17 +1,24 @@
 """The CPU demo over seeds, VPPO alone or with GRPO: `python benchmarks/demo_sweep.py --seeds 1000-1019 --workers 2`.
 
-For each seed it builds the demo's warm start once (`vppo_trl.tools.demo`), trains each method of `--methods` from it
-with the same settings, data and seed (`vppo`, `grpo`, and `vppo_guard`, VPPO with the cold-start guard; GRPO is
-`VPPOTrainer` with TGF and TAS off, so all have dynamic sampling), and records per run: learned or not (the demo's
-verdict), the steps trained, the first step at which the 20-step mean reward reaches 0.8, the held-out greedy accuracy
-(and per colour, with what each colour was mistaken for), the training time and CPU time, and the machine's load
-average (1 minute) when the run started and ended. It then prints the table and the summary: runs learned, the median
-step and the median and slowest training time; with `grpo` among the methods, for each other method the mean paired
-difference in steps (GRPO minus the method) with a bootstrap 95% interval over seeds. A run that never reaches 0.8
-counts as `steps + 1` in the steps statistics (censored: the difference is then a lower bound).
+For each seed it builds the demo's warm start once (`vppo_trl.tools.demo`, on `--task`), trains each method of
+`--methods` from it with the same settings, data and seed (`vppo`, `grpo`, `vppo_guard`, VPPO with the cold-start
+guard, and the paper's ablations `tgf_only` and `tas_only`; GRPO is `VPPOTrainer` with TGF and TAS off, so all have
+dynamic sampling), and records per run: learned or not (the demo's verdict), the steps trained, the per-step rewards,
+the first step at which the 20-step mean reward reaches 0.8, the held-out greedy accuracy (and per colour, with what
+each colour was mistaken for), the training time and CPU time, the machine's load average (1 minute) when the run
+started and ended, and a census of the trained policy's token perception (`perception_census`: the share of tokens
+that depend on the image). It then prints the table and the summary: runs learned, the median step and the median and
+slowest training time; with `grpo` among the methods, for each other method the mean paired differences with GRPO
+(steps to 0.8, GRPO minus the method; held-out accuracy and final reward, the method minus GRPO) with bootstrap 95%
+intervals over seeds. A run that never reaches 0.8 counts as `steps + 1` in the steps statistics (censored: the
+difference is then a bound).
+
+`--registration FILE` runs a registered comparison: the seeds and settings come from the file, committed before the
+comparison's first run (`benchmarks/registrations/`), and a flag that disagrees with it is refused.
 
 Writes `<output-dir>/seed<N>.json` per seed (a method already in a seed's file is not run again; one added later trains
-from the same, deterministic warm start), `results.json` and `results.md` (the table, as in the README).
+from the same, deterministic warm start), `results.json`, `results.md` (the table, as in the README) and `curves.png`
+(each method's 20-step mean reward over the seeds).
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -30,7 +36,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.learning_report import paired_bootstrap  # noqa: E402
+from vppo_trl.testing import COLOURS  # noqa: E402
 from vppo_trl.tools import demo  # noqa: E402
+
+# Images and sampled completions of the token-perception census of each trained policy and warm start.
+CENSUS_IMAGES = 4
+CENSUS_COMPLETIONS = 8
+# A token "depends on the image" when its k3 dependency reaches this: the colour token of a policy that reads the
+# colour sits at 0.1 to 1, a free word at 1e-4 to 1e-2 (docs/demo.md).
+DEPENDENT_TOKEN = 0.05
 
 
 @dataclass
@@ -38,7 +53,15 @@ class SweepArguments:
     """Flags of the demo sweep; the training settings default to the demo's own."""
 
     seeds: str = field(default="0-9", metadata={"help": "Seeds: a range `0-9`, a list `0,3,5` or both `0-2,7`."})
+    task: str = field(
+        default=demo.DemoArguments.task,
+        metadata={"help": "The demo's task (its --task).", "choices": tuple(demo.TASKS)},
+    )
     steps: int = field(default=demo.DemoArguments.steps, metadata={"help": "RL steps of every run."})
+    stop_reward: float = field(
+        default=demo.DemoArguments.stop_reward,
+        metadata={"help": "Stop a run once its 20-step mean reward reaches this (above 1: every run trains --steps)."},
+    )
     warm_start_steps: int = field(
         default=demo.DemoArguments.warm_start_steps, metadata={"help": "Supervised warm-start steps per seed."}
     )
@@ -54,6 +77,13 @@ class SweepArguments:
         },
     )
     workers: int = field(default=1, metadata={"help": "Seeds trained in parallel (one process each)."})
+    registration: str | None = field(
+        default=None,
+        metadata={
+            "help": "A registered comparison's JSON file: its `seeds` and `settings` (these flags' values) are used, "
+            "and a flag given with another value is refused."
+        },
+    )
     quick: bool = field(default=False, metadata={"help": "The demo's --quick runs, to check that the sweep runs."})
 
     def __post_init__(self):
@@ -62,6 +92,24 @@ class SweepArguments:
             self.steps, self.warm_start_steps = quick.steps, quick.warm_start_steps
 
     bootstrap_samples: int = field(default=10_000, metadata={"help": "Resamples of the bootstrap interval."})
+
+
+def apply_registration(args: SweepArguments) -> dict[str, Any]:
+    """Set the registered seeds and settings on `args`; a flag that disagrees with them raises ValueError."""
+    path = Path(args.registration)
+    if not path.is_file():
+        raise ValueError(f"--registration: no file {path}")
+    registration = json.loads(path.read_text())
+    registered = {"seeds": registration["seeds"], **registration["settings"]}
+    defaults = {item.name: item.default for item in dataclasses.fields(SweepArguments)}
+    for name, value in registered.items():
+        if name not in defaults:
+            raise ValueError(f"--registration: {path} registers {name!r}, which is not a flag of the sweep")
+        given = getattr(args, name)
+        if given != defaults[name] and given != value:
+            raise ValueError(f"--registration: --{name} {given} disagrees with {path}, which registers {value}")
+        setattr(args, name, value)
+    return registration
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -99,10 +147,47 @@ def demo_settings(args: SweepArguments, seed: int, folder: Path) -> demo.DemoArg
         steps=args.steps,
         warm_start_steps=args.warm_start_steps,
         seed=seed,
+        task=args.task,
+        stop_reward=args.stop_reward,
         output_dir=str(folder),
         spotlight=False,
         quick=args.quick,
     )
+
+
+def perception_census(model, processor, settings: demo.DemoArguments) -> dict[str, float]:
+    """
+    Where the policy's dependence on the image sits, over `CENSUS_IMAGES` held-out images x `CENSUS_COMPLETIONS`
+    completions sampled as in training: the share of completion tokens (with <|im_end|>) whose k3 dependency reaches
+    `DEPENDENT_TOKEN`, the share that are the colour word (the one token the reward reads), that token's share of the
+    summed dependency, and the mean dependency of the colour word and of the other tokens.
+    """
+    from vppo_trl.tools.spotlight import sample_perceptions
+
+    rows = demo.make_question_dataset(CENSUS_IMAGES, seed=settings.seed + 5, balanced=True)
+    was_training = model.training
+    model.eval()
+    colour, other = [], []
+    for index, row in enumerate(rows):
+        perceptions = sample_perceptions(
+            model, processor, demo.QUESTION, row["images"], num_completions=CENSUS_COMPLETIONS,
+            max_new_tokens=settings.demo_task.max_completion_length, seed=settings.seed + index,
+        )  # fmt: skip
+        for item in perceptions:
+            words = [token.strip(" .").lower() for token in item.tokens]
+            first = next((position for position, word in enumerate(words) if word in COLOURS), None)
+            colour.extend(item.dependency[position] for position in range(len(words)) if position == first)
+            other.extend(value for position, value in enumerate(item.dependency) if position != first)
+    model.train(was_training)
+    every = colour + other
+    return {
+        "tokens": len(every),
+        "dependent_token_share": sum(value >= DEPENDENT_TOKEN for value in every) / len(every),
+        "colour_token_share": len(colour) / len(every),
+        "colour_dependency_share": sum(colour) / max(sum(every), 1e-12),
+        "colour_dependency_mean": statistics.fmean(colour) if colour else None,
+        "other_dependency_mean": statistics.fmean(other) if other else None,
+    }
 
 
 def run_seed(args: SweepArguments, seed: int) -> dict[str, Any]:
@@ -118,12 +203,19 @@ def run_seed(args: SweepArguments, seed: int) -> dict[str, Any]:
     with demo.quiet_libraries():
         start = demo.build_warm_start(settings, folder / "warm_start")
         result["warm_start_accuracy"] = start.held_out.accuracy
+        if "warm_start_census" not in result:
+            census = perception_census(demo.load_policy(start.folder, start.masked), start.processor, settings)
+            result["warm_start_census"] = census
         for method in todo:
             load_before = os.getloadavg()[0]
             trainer, summary = demo.timed_training(method, settings, start, folder / method, verbose=False)
-            result["runs"][method] = {**summary, "load_average": [load_before, os.getloadavg()[0]]}
-            if method == "vppo" and args.spotlight:
-                demo.spotlight_trained_model(trainer.model, start.processor, settings, trainer.state.global_step)
+            load_after = os.getloadavg()[0]
+            census = perception_census(trainer.model, start.processor, settings)
+            result["runs"][method] = {**summary, "load_average": [load_before, load_after], "census": census}
+            if args.spotlight:
+                demo.spotlight_trained_model(
+                    trainer.model, start.processor, settings, trainer.state.global_step, method=method
+                )
     path.write_text(json.dumps(result, indent=2) + "\n")
     runs = result["runs"]
     print(f"seed {seed}: " + "; ".join(f"{m} {row_text(runs[m])}" for m in parse_methods(args.methods)), flush=True)
@@ -142,11 +234,19 @@ def censored_steps(run: dict[str, Any], steps: int) -> int:
     return run["step_reaching_0.8"] or steps + 1
 
 
-def bootstrap_interval(values: list[float], samples: int, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of `values`."""
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(samples))
-    return means[int(0.025 * samples)], means[min(samples - 1, int(0.975 * samples))]
+# The paired read-outs against GRPO: name, how one run gives it, and whether GRPO's value is subtracted from the
+# method's (higher is better) or the method's from GRPO's (steps: fewer is better). Positive favours the method.
+PAIRED_READOUTS = {
+    "steps_to_0.8": ("steps to a 20-step mean reward of 0.8, GRPO minus the method", False),
+    "held_out_accuracy": ("final held-out greedy accuracy, the method minus GRPO", True),
+    "final_reward": ("mean reward of the last 20 steps, the method minus GRPO", True),
+}
+
+
+def readout(run: dict[str, Any], name: str, steps: int) -> float:
+    if name == "steps_to_0.8":
+        return censored_steps(run, steps)
+    return run["greedy_accuracy_after"] if name == "held_out_accuracy" else run["end_reward"]
 
 
 def summarise(results: list[dict[str, Any]], args: SweepArguments) -> dict[str, Any]:
@@ -167,17 +267,17 @@ def summarise(results: list[dict[str, Any]], args: SweepArguments) -> dict[str, 
                 max(max(run["load_average"]) for run in runs),
             ],
         }
+    summary["paired"] = {}
     for method in compared_methods(methods):
-        differences = [
-            censored_steps(r["runs"]["grpo"], args.steps) - censored_steps(r["runs"][method], args.steps)
-            for r in results
-        ]
-        low, high = bootstrap_interval(differences, args.bootstrap_samples)
-        summary[f"steps_difference_grpo_minus_{method}"] = {
-            "per_seed": differences,
-            "mean": statistics.fmean(differences),
-            "bootstrap_95": [low, high],
-        }
+        summary["paired"][method] = {}
+        for name, (_, method_minus_grpo) in PAIRED_READOUTS.items():
+            differences = [
+                readout(r["runs"][method], name, args.steps) - readout(r["runs"]["grpo"], name, args.steps)
+                for r in results
+            ]
+            if not method_minus_grpo:
+                differences = [-difference for difference in differences]
+            summary["paired"][method][name] = paired_bootstrap(differences, args.bootstrap_samples)
     return summary
 
 
@@ -217,14 +317,83 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"median; load average {part['load_average'][0]:.1f} to {part['load_average'][1]:.1f} at the runs' starts "
             "and ends)."
         )
-    for method in compared_methods(methods):
-        difference = summary[f"steps_difference_grpo_minus_{method}"]
-        lines.append(
-            f"- Steps to 0.8, GRPO minus {method.upper()}, paired by seed: mean {difference['mean']:+.1f} (bootstrap "
-            f"95% interval {difference['bootstrap_95'][0]:+.1f} to {difference['bootstrap_95'][1]:+.1f}); per seed "
-            f"{', '.join(f'{d:+d}' for d in difference['per_seed'])}."
-        )
+    lines += census_lines(results, methods)
+    if compared_methods(methods):
+        lines += [
+            "",
+            "Paired by seed against GRPO: mean difference [bootstrap 95% interval], seeds in the method's favour / "
+            "against / tied. Positive favours the method.",
+            "",
+            "| method | " + " | ".join(description for description, _ in PAIRED_READOUTS.values()) + " |",
+            "|---|" + "---|" * len(PAIRED_READOUTS),
+        ]
+        for method in compared_methods(methods):
+            cells = []
+            for name, difference in summary["paired"][method].items():
+                digits = 1 if name == "steps_to_0.8" else 3
+                ties = difference["seeds"] - difference["wins"] - difference["losses"]
+                cells.append(
+                    f"{difference['mean']:+.{digits}f} [{difference['low']:+.{digits}f}, "
+                    f"{difference['high']:+.{digits}f}], {difference['wins']} / {difference['losses']} / {ties}"
+                )
+            lines.append(f"| {method.upper()} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def census_lines(results: list[dict[str, Any]], methods: list[str]) -> list[str]:
+    """The token-perception census of the warm starts and of each method's trained policies, means over seeds."""
+
+    def row(name: str, censuses: list[dict[str, Any]]) -> str:
+        def mean(key: str) -> float:
+            values = [census[key] for census in censuses if census.get(key) is not None]
+            return statistics.fmean(values) if values else float("nan")
+
+        return (
+            f"| {name} | {mean('colour_token_share'):.3f} | {mean('dependent_token_share'):.3f} | "
+            f"{mean('colour_dependency_share'):.2f} | {mean('colour_dependency_mean'):.3g} | "
+            f"{mean('other_dependency_mean'):.3g} |"
+        )
+
+    lines = [
+        "",
+        f"Token perception ({CENSUS_IMAGES} held-out images x {CENSUS_COMPLETIONS} sampled completions per policy, "
+        "mean over seeds): the share of completion tokens that are the colour word, the share whose k3 dependency "
+        f"reaches {DEPENDENT_TOKEN}, the colour word's share of the summed dependency, and the mean dependency of "
+        "the colour word and of the other tokens.",
+        "",
+        "| policy | colour-word tokens | tokens >= "
+        f"{DEPENDENT_TOKEN} | colour word's share of dependency | colour word | other tokens |",
+        "|---|---|---|---|---|---|",
+        row("warm start", [r["warm_start_census"] for r in results]),
+    ]
+    lines += [row(f"after {method.upper()}", [r["runs"][method]["census"] for r in results]) for method in methods]
+    return lines
+
+
+def plot_curves(results: list[dict[str, Any]], methods: list[str], path: Path, title: str) -> None:
+    """Each method's 20-step mean reward against the step: mean over seeds, with the seeds' min-max band."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5))
+    axis = figure.subplots()
+    for method in methods:
+        curves = [demo.moving_means(r["runs"][method]["rewards"]) for r in results]
+        length = min(len(curve) for curve in curves)
+        steps = range(1, length + 1)
+        columns = [[curve[index] for curve in curves] for index in range(length)]
+        line = axis.plot(steps, [statistics.fmean(column) for column in columns], linewidth=2, label=method.upper())
+        axis.fill_between(
+            steps, [min(c) for c in columns], [max(c) for c in columns], color=line[0].get_color(), alpha=0.12
+        )
+    axis.axhline(demo.CHANCE_REWARD, color="grey", linestyle="--", linewidth=1, label="chance (1/4)")
+    axis.axhline(demo.LEARNED_REWARD, color="grey", linestyle=":", linewidth=1, label=f"{demo.LEARNED_REWARD}")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel("step")
+    axis.set_ylabel(f"reward, {demo.REWARD_WINDOW}-step mean")
+    axis.set_title(f"{title}: mean over {len(results)} seeds, min-max band")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -235,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     (args,) = parser.parse_args_into_dataclasses(argv)
     try:
+        registration = apply_registration(args) if args.registration else None
         seeds = parse_seeds(args.seeds)
         methods = parse_methods(args.methods)
     except ValueError as error:
@@ -248,7 +418,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if path.is_file() and all(method in json.loads(path.read_text())["runs"] for method in methods):
             done[seed] = json.loads(path.read_text())
     todo = [seed for seed in seeds if seed not in done]
-    print(f"Demo sweep: seeds {seeds} ({len(done)} already done), {args.steps} RL steps, methods {methods}.")
+    print(
+        f"Demo sweep: seeds {seeds} ({len(done)} already done), task {args.task}, {args.steps} RL steps, methods "
+        f"{methods}" + (f", registered in {args.registration}." if registration else ".")
+    )
     if args.workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(args.workers) as pool:
             for result in pool.map(run_seed, [args] * len(todo), todo):
@@ -263,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         json.dumps({"arguments": dataclasses.asdict(args), "summary": summary, "results": results}, indent=2) + "\n"
     )
     (output_dir / "results.md").write_text(table)
+    plot_curves(results, methods, output_dir / "curves.png", f"{args.task} task, seeds {args.seeds}")
     print(table + f"Sweep {time.perf_counter() - began:.0f} s. Results: {output_dir / 'results.md'}")
     return summary
 

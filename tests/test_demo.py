@@ -115,6 +115,18 @@ def test_the_spotlight_json_keeps_tokens_dependency_and_kept(quick_run):
         assert image.width > 800
 
 
+def test_compare_grpo_spotlights_the_grpo_model_with_every_token_trained(quick_run):
+    folder, summary, _ = quick_run
+    page = (folder / "grpo_spotlight" / "perception.html").read_text()
+    assert "GRPO model" in page and "the tokens GRPO trains" in page
+    for item in json.loads((folder / "grpo_spotlight" / "perception.json").read_text())["completions"]:
+        assert all(item["kept"]) and item["advantage_scale"] == 1.0
+    # VPPO's page marks the 40% its TGF keeps
+    vppo = json.loads((folder / "spotlight" / "perception.json").read_text())["completions"]
+    assert any(not all(item["kept"]) for item in vppo)
+    assert summary["grpo"]["spotlight_png"].endswith("grpo_spotlight/perception.png")
+
+
 def test_compare_grpo_trains_every_token_from_the_same_warm_start(quick_run):
     folder, summary, printed = quick_run
     banner = f"GRPO: {QUICK_STEPS} steps"
@@ -235,7 +247,7 @@ def test_the_sweep_tabulates_both_methods_per_seed_and_their_paired_difference(s
     assert "| seed | VPPO | GRPO |" in table
     rows = [line for line in table.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
     assert len(rows) == 2 and all(len(row.split(" | ")) == 3 for row in rows)
-    assert "GRPO minus VPPO, paired by seed" in table
+    assert "Paired by seed against GRPO" in table
     results = json.loads((folder / "results.json").read_text())
     assert [r["seed"] for r in results["results"]] == [0, 1]
     for result in results["results"]:
@@ -254,7 +266,23 @@ def test_the_sweep_tabulates_both_methods_per_seed_and_their_paired_difference(s
             mistakes = demo.HeldOut.after_training(run).confusions()
             assert f"({', '.join(mistakes[:2])})" in cell
     # A quick run cannot reach 0.8: both count as censored (steps + 1)
-    assert summary["steps_difference_grpo_minus_vppo"]["per_seed"] == [0, 0]
+    paired = summary["paired"]["vppo"]
+    assert paired["steps_to_0.8"]["differences"] == [0, 0]
+    for name, readout in (("held_out_accuracy", "greedy_accuracy_after"), ("final_reward", "end_reward")):
+        expected = [r["runs"]["vppo"][readout] - r["runs"]["grpo"][readout] for r in results["results"]]
+        assert paired[name]["differences"] == pytest.approx(expected)
+        assert paired[name]["low"] <= paired[name]["mean"] <= paired[name]["high"]
+    line = next(line for line in table.splitlines() if line.startswith("| VPPO | "))
+    accuracy = paired["held_out_accuracy"]
+    assert f"{accuracy['mean']:+.3f} [{accuracy['low']:+.3f}, {accuracy['high']:+.3f}]" in line
+    # Every run keeps its per-step rewards and the census of its trained policy's token perception
+    for result in results["results"]:
+        for census in (result["warm_start_census"], *(run["census"] for run in result["runs"].values())):
+            assert census["tokens"] > 0 and 0.0 <= census["dependent_token_share"] <= 1.0
+        assert len(result["runs"]["vppo"]["rewards"]) == QUICK_STEPS
+    assert "| warm start | " in table and "| after GRPO | " in table
+    with Image.open(folder / "curves.png") as image:
+        image.verify()
 
     # A finished seed is not trained again
     seed1 = folder / "seed1.json"
@@ -271,7 +299,7 @@ def test_the_sweep_of_vppo_alone_tabulates_it_without_a_comparison(sweep_run):
     args = sweep.SweepArguments(methods="vppo", quick=True)
     summary = sweep.summarise(results, args)
     table = sweep.markdown(results, summary)
-    assert "| seed | VPPO |" in table and "GRPO" not in table and "paired by seed" not in table
+    assert "| seed | VPPO |" in table and "GRPO" not in table and "Paired by seed" not in table
     runs = [result["runs"]["vppo"] for result in results]
     assert summary["vppo"]["max_train_seconds"] == max(run["train_seconds"] for run in runs)
     assert f"- VPPO: 0 of 2 seeds learned; median steps trained {QUICK_STEPS}," in table
@@ -291,15 +319,15 @@ def test_a_method_added_to_the_sweep_trains_only_that_method_from_the_same_warm_
     assert after["warm_start_accuracy"] == before["warm_start_accuracy"]  # the same, deterministic warm start
     assert set(after["runs"]["vppo_guard"]) >= {"learned", "step_reaching_0.8", "greedy_accuracy_after"}
     table = (tmp_path / "results.md").read_text()
-    assert "| seed | VPPO | GRPO | VPPO_GUARD |" in table and "GRPO minus VPPO_GUARD, paired by seed" in table
-    assert summary["steps_difference_grpo_minus_vppo_guard"]["per_seed"] == [0]
+    assert "| seed | VPPO | GRPO | VPPO_GUARD |" in table and "| VPPO_GUARD | " in table
+    assert summary["paired"]["vppo_guard"]["steps_to_0.8"]["differences"] == [0]
 
 
 def test_the_sweep_refuses_unknown_methods_or_none(capsys):
     for methods, problem in ((",", ""), ("vppo,grpo,vpo", " (unknown: vpo)")):
         with pytest.raises(SystemExit):
             load_sweep().main(["--methods", methods])
-        assert f"must name methods among vppo, grpo, vppo_guard{problem}" in capsys.readouterr().err
+        assert f"must name methods among {', '.join(demo.TRAINING_METHODS)}{problem}" in capsys.readouterr().err
 
 
 def test_the_sweep_refuses_a_bad_seed_list(capsys):
@@ -364,3 +392,57 @@ def test_quiet_libraries_silences_only_inside_the_call_and_restores_everything()
             assert logger.filter(logger.makeRecord(logger.name, logging.ERROR, "x", 1, "kept", (), None))
     assert [list(logger.filters) for logger in loggers] == filters
     assert (torch.get_num_threads(), hf_logging.get_verbosity(), list(warnings.filters)) == state
+
+
+def test_the_chain_task_answers_with_free_words_then_the_sentence_and_rewards_the_colour_alone():
+    chain = demo.TASKS["chain"]
+    rng = __import__("random").Random(3)
+    answers = [chain.answer(rng, "blue") for _ in range(50)]
+    for answer in answers:
+        *free, the, shape, is_, colour = answer.split()
+        assert len(free) == demo.CHAIN_LENGTH and set(free) <= set(demo.CHAIN_WORDS)
+        assert f"{the} {shape} {is_} {colour}" == demo.answer_sentence("blue")
+    # The free words vary between answers: most positions take several words over 50 draws
+    columns = list(zip(*(answer.split()[: demo.CHAIN_LENGTH] for answer in answers), strict=True))
+    assert min(len(set(column)) for column in columns) >= 5
+    assert not set(demo.CHAIN_WORDS) & set(COLOURS)
+    # The reward reads the first colour named, whatever the free words and whether the sentence is exact
+    completions = [answers[0], "so it The shape is red.", "now blue red", "well then", [{"content": answers[1]}]]
+    assert demo.named_colour_reward(completions, ["blue"] * 5) == [1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_every_chain_word_is_one_token_and_the_answer_is_18_tokens():
+    from vppo_trl.testing import build_tokenizer
+
+    chain = demo.TASKS["chain"]
+    tokenizer = build_tokenizer(COLOURS + chain.words, vocab_size=demo.VOCAB_SIZE)
+    for word in chain.words:
+        assert len(tokenizer(" " + word).input_ids) == 1 and len(tokenizer(word).input_ids) == 1
+    assert chain.answer_tokens(tokenizer) == demo.CHAIN_LENGTH + 6  # "The shape is <colour>." and <|im_end|>
+    assert chain.max_completion_length >= chain.answer_tokens(tokenizer)
+
+
+def shape_colour(image: Image.Image) -> str:
+    """The colour whose RGB is nearest the image's most common non-white pixel."""
+    from vppo_trl.testing.colour_task import _RGB
+
+    count, pixel = max((count, pixel) for count, pixel in image.getcolors() if pixel != (255, 255, 255))
+    return min(COLOURS, key=lambda colour: sum((a - b) ** 2 for a, b in zip(_RGB[colour], pixel, strict=True)))
+
+
+def test_the_chain_warm_start_teaches_the_format_with_a_colour_drawn_apart_from_the_image():
+    examples = demo.warm_start_examples(400, seed=0, task=demo.TASKS["chain"])
+    question = [(image, answer) for prompt, image, answer in examples if prompt == demo.QUESTION]
+    described = [(image, answer) for prompt, image, answer in examples if prompt == demo.DESCRIBE_PROMPT]
+    assert len(question) == len(described) == 200
+    assert {len(answer.split()) for _, answer in question} == {demo.CHAIN_LENGTH + 4}
+    # The description names the image's colour; the chain's sentence a colour drawn apart from it (chance: 50 of 200)
+    assert all(answer.split()[1] == shape_colour(image) for image, answer in described)
+    matching = sum(demo.named_colour(answer) == shape_colour(image) for image, answer in question)
+    assert 20 < matching < 80
+
+
+def test_the_demo_refuses_an_unknown_task(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--task", "essay"])
+    assert "essay" in capsys.readouterr().err

@@ -76,6 +76,13 @@ PROMPTS_PER_STEP = 8
 NUM_GENERATIONS = 8
 # Completions stop at <|im_end|>; the answer sentence is 7 tokens with it.
 MAX_COMPLETION_LENGTH = 10
+# The chain task's free words: each a token of its own, none a colour, drawn uniformly and independently. Before the
+# answer sentence they stand for the paper's reasoning tokens that do not need the picture (benchmarks/LEARNING.md).
+CHAIN_WORDS = (
+    *("first", "look", "then", "so", "we", "see", "it"),
+    *("here", "next", "now", "well", "thus", "note", "check"),
+)
+CHAIN_LENGTH = 12
 # The vision tower's learning-rate multiple in benchmarks/learning.py (the demo's RL trained the tower at 5x until it
 # froze it: docs/demo.md, "Why runs stalled").
 VISION_LR_MULTIPLIER = 5.0
@@ -86,6 +93,8 @@ TRAINING_METHODS: dict[str, dict[str, Any]] = {
     "vppo": {},
     "grpo": {"token_filter_ratio": 1.0, "advantage_shaping": False},
     "vppo_guard": {"cold_start_guard": True},
+    "tgf_only": {"advantage_shaping": False},
+    "tas_only": {"token_filter_ratio": 1.0},
 }
 WARM_START_BATCH = 16
 # Measured on seed 0 (docs/demo.md): 200 steps on the description alone reach a held-out description accuracy of 1.0
@@ -133,6 +142,15 @@ class DemoArguments:
         default=True, metadata={"help": "Replace groups whose completions all earn the same reward (DAPO)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the model, the images and the training run."})
+    task: str = field(
+        default="sentence",
+        metadata={
+            "help": "sentence: answer 'The shape is <colour>.' (7 tokens, rewarded when exact). chain: 12 free words "
+            "first, sampled anew in every completion, then the sentence; rewarded when the first colour named is "
+            "right (1 token in 18 decides the reward, the paper's regime in miniature: docs/demo.md).",
+            "choices": ("sentence", "chain"),
+        },
+    )
     output_dir: str = field(default="demo_output", metadata={"help": "Where the log, summary and plots are written."})
     estimator: str = field(
         default="k3", metadata={"help": "Token visual dependency estimator (VPPOConfig).", "choices": ("k3", "kl")}
@@ -168,12 +186,18 @@ class DemoArguments:
     def __post_init__(self):
         if self.quick:
             self.steps, self.warm_start_steps = 2, 2
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.warm_start_steps < 0:
             raise ValueError(f"--warm-start-steps must be >= 0, got {self.warm_start_steps}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+
+    @property
+    def demo_task(self) -> DemoTask:
+        return TASKS[self.task]
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m vppo_trl.tools.demo") -> DemoArguments:
@@ -197,12 +221,55 @@ def answer_sentence(colour: str) -> str:
     return f"The shape is {colour}."
 
 
+def completion_texts(completions: list) -> list[str]:
+    return [item if isinstance(item, str) else "".join(message["content"] for message in item) for item in completions]
+
+
 def sentence_reward(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
     """TRL reward function: 1.0 for exactly "The shape is <answer>." (surrounding spaces aside), else 0.0."""
-    texts = [
-        item if isinstance(item, str) else "".join(message["content"] for message in item) for item in completions
-    ]
+    texts = completion_texts(completions)
     return [float(text.strip() == answer_sentence(colour)) for text, colour in zip(texts, answer, strict=True)]
+
+
+def chain_answer(rng: random.Random, colour: str) -> str:
+    """`CHAIN_LENGTH` free words drawn uniformly from `CHAIN_WORDS`, then "The shape is <colour>."."""
+    return " ".join([*(rng.choice(CHAIN_WORDS) for _ in range(CHAIN_LENGTH)), answer_sentence(colour)])
+
+
+def named_colour_reward(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
+    """TRL reward function: 1.0 when the first colour the completion names is `answer`; the free words earn nothing."""
+    texts = completion_texts(completions)
+    return [float(named_colour(text) == colour) for text, colour in zip(texts, answer, strict=True)]
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """What the policy is asked to answer and what earns the reward; the demo's other settings are the tasks' own.
+
+    `answer(rng, colour)` is an answer naming `colour` (the warm start's format examples draw `colour` at random);
+    `words` are the answer's words besides the colours, each made one token of the tokenizer.
+    """
+
+    name: str
+    answer: Callable[[random.Random, str], str]
+    reward: Callable[..., list[float]]
+    max_completion_length: int
+    words: tuple[str, ...] = ()
+
+    def answer_tokens(self, tokenizer: Any) -> int:
+        """Tokens of an answer, with <|im_end|> (every answer of a task has as many: each word is one token)."""
+        return len(tokenizer(self.answer(random.Random(0), COLOURS[0]) + tokenizer.eos_token).input_ids)
+
+
+TASKS = {
+    # The 7-token sentence: only the colour word depends on the image, the rest is certain after the warm start.
+    "sentence": DemoTask(
+        "sentence", lambda rng, colour: answer_sentence(colour), sentence_reward, MAX_COMPLETION_LENGTH
+    ),
+    # The paper's regime in miniature: 12 free words that vary between completions and carry no reward, then the
+    # sentence; the reward reads the colour alone, so 1 token in 18 decides it (benchmarks/LEARNING.md).
+    "chain": DemoTask("chain", chain_answer, named_colour_reward, CHAIN_LENGTH + MAX_COMPLETION_LENGTH, CHAIN_WORDS),
+}
 
 
 def user_prompt(text: str) -> list[dict[str, Any]]:
@@ -224,8 +291,8 @@ def make_question_dataset(n: int, seed: int, balanced: bool = False):
     return Dataset.from_dict({"prompt": [user_prompt(QUESTION)] * n, "images": images, "answer": colours})
 
 
-def warm_start_examples(n: int, seed: int) -> list[tuple[str, Any, str]]:
-    """(prompt, image, answer) pairs: perception in another phrasing, then the answer format with a random colour.
+def warm_start_examples(n: int, seed: int, task: DemoTask = TASKS["sentence"]) -> list[tuple[str, Any, str]]:
+    """(prompt, image, answer) pairs: perception in another phrasing, then `task`'s answer format with a random colour.
 
     The two alternate, so each batch holds both. The format examples name a colour drawn independently of the image:
     they teach what an answer to the question looks like, not which colour is right.
@@ -238,7 +305,7 @@ def warm_start_examples(n: int, seed: int) -> list[tuple[str, Any, str]]:
         if index % 2 == 0:
             examples.append((DESCRIBE_PROMPT, image, f"A {colour} {shape}."))
         else:
-            examples.append((QUESTION, image, answer_sentence(rng.choice(COLOURS))))
+            examples.append((QUESTION, image, task.answer(rng, rng.choice(COLOURS))))
     return examples
 
 
@@ -292,9 +359,11 @@ def supervised_steps(
     return loss.item()
 
 
-def perception_warm_start(model: torch.nn.Module, processor: Any, steps: int, seed: int) -> float:
+def perception_warm_start(
+    model: torch.nn.Module, processor: Any, steps: int, seed: int, task: DemoTask = TASKS["sentence"]
+) -> float:
     """The demo's warm start (`warm_start_examples`), `steps` batches of `WARM_START_BATCH`; returns the last loss."""
-    examples = warm_start_examples(steps * WARM_START_BATCH, seed)
+    examples = warm_start_examples(steps * WARM_START_BATCH, seed, task)
     batches = (examples[step * WARM_START_BATCH : (step + 1) * WARM_START_BATCH] for step in range(steps))
     return supervised_steps(model, processor, batches)
 
@@ -361,18 +430,25 @@ class HeldOut:
 
 
 @torch.no_grad()
-def held_out_evaluation(model: torch.nn.Module, processor: Any, seed: int, num_images: int = EVAL_IMAGES) -> HeldOut:
-    """Greedy answers on `num_images` fresh images (as many of each colour): accuracy, per colour and confusion."""
+def held_out_evaluation(
+    model: torch.nn.Module,
+    processor: Any,
+    seed: int,
+    task: DemoTask = TASKS["sentence"],
+    num_images: int = EVAL_IMAGES,
+) -> HeldOut:
+    """Greedy answers on `num_images` fresh images (as many of each colour): `task`'s reward (the accuracy), per colour
+    and confusion."""
     rows = make_question_dataset(num_images, seed=seed, balanced=True)[:]
     was_training = model.training
     model.eval()
     inputs = processor(
         text=prompt_texts(processor, rows["prompt"]), images=rows["images"], return_tensors="pt", padding=True
     )
-    output = model.generate(**inputs, max_new_tokens=MAX_COMPLETION_LENGTH, do_sample=False)
+    output = model.generate(**inputs, max_new_tokens=task.max_completion_length, do_sample=False)
     answers = processor.batch_decode(output[:, inputs["input_ids"].size(1) :], skip_special_tokens=True)
     model.train(was_training)
-    rewards = sentence_reward(answers, rows["answer"])
+    rewards = task.reward(answers, rows["answer"])
     confusion = {colour: dict.fromkeys((*COLOURS, NO_COLOUR), 0) for colour in COLOURS}
     right = dict.fromkeys(COLOURS, 0.0)
     for colour, answer, reward in zip(rows["answer"], answers, rewards, strict=True):
@@ -541,16 +617,18 @@ def build_warm_start(args: DemoArguments, folder: Path) -> WarmStart:
     from transformers import set_seed
 
     set_seed(args.seed)
-    tokenizer = build_tokenizer(COLOURS, vocab_size=VOCAB_SIZE)
+    task = args.demo_task
+    tokenizer = build_tokenizer(COLOURS + task.words, vocab_size=VOCAB_SIZE)
     tokenizer.padding_side = "left"
     processor = build_processor("qwen2_5_vl", tokenizer)
     model = build_model("qwen2_5_vl", tokenizer, seed=args.seed)
-    loss = perception_warm_start(model, processor, args.warm_start_steps, seed=args.seed + 1)
+    loss = perception_warm_start(model, processor, args.warm_start_steps, seed=args.seed + 1, task=task)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     masked = suppressed_token_ids(processor)
     policy = load_policy(folder, masked)
-    return WarmStart(folder, processor, masked, loss, held_out_evaluation(policy, processor, seed=args.seed + 2))
+    held_out = held_out_evaluation(policy, processor, seed=args.seed + 2, task=task)
+    return WarmStart(folder, processor, masked, loss, held_out)
 
 
 def load_policy(folder: Path, masked: list[int]) -> torch.nn.Module:
@@ -567,11 +645,14 @@ def train_policy(
     start: WarmStart,
     output_dir: Path,
     verbose: bool = True,
-    reward_func: Callable[..., list[float]] = sentence_reward,
+    reward_func: Callable[..., list[float]] | None = None,
     callbacks: Iterable[Any] = (),
 ):
     """Train the warm-start policy with `method` (a key of `TRAINING_METHODS`); all get the same data, seed and
-    settings. `reward_func` (named like `sentence_reward`) and `callbacks` let a benchmark watch the run."""
+    settings. `reward_func` (named like the task's reward, its default) and `callbacks` let a benchmark watch the run.
+    """
+    task = args.demo_task
+    reward_func = reward_func or task.reward
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .. import VPPOConfig, VPPOTrainer
@@ -586,11 +667,11 @@ def train_policy(
         max_steps=args.steps,
         per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS,
         num_generations=NUM_GENERATIONS,
-        max_completion_length=MAX_COMPLETION_LENGTH,
+        max_completion_length=task.max_completion_length,
         temperature=1.0,
         beta=0.0,
         dynamic_sampling=args.dynamic_sampling,
-        dynamic_sampling_reward=sentence_reward.__name__,
+        dynamic_sampling_reward=task.reward.__name__,
         # A quick run's policy earns no reward: every round is uninformative, one extra round shows as much as five.
         **({"dynamic_sampling_max_rounds": 1} if args.quick else {}),
         bf16=False,  # float32 on CPU: the same numbers on every machine, and faster than autocast for ops this small
@@ -627,7 +708,7 @@ def train_policy(
     for callback in callbacks:
         trainer.add_callback(callback)
     if verbose:
-        answer_tokens = len(start.processor.tokenizer(answer_sentence("red") + "<|im_end|>").input_ids)
+        answer_tokens = task.answer_tokens(start.processor.tokenizer)
         trainer.add_callback(make_table_callback(max(1, args.steps // 10), answer_tokens))
         print(
             f"{method.upper()}: {args.steps} steps of {PROMPTS_PER_STEP} prompts x {NUM_GENERATIONS} completions, "
@@ -643,7 +724,7 @@ def train_policy(
 def run_summary(method: str, trainer, start: WarmStart, args: DemoArguments, seconds: float) -> dict[str, Any]:
     """What a user reads of one training run: rewards, the step it reached the bar, held-out accuracy, verdict."""
     rewards = [row["reward"] for row in step_logs(trainer.state.log_history)]
-    held_out = held_out_evaluation(trainer.model, start.processor, seed=args.seed + 2)
+    held_out = held_out_evaluation(trainer.model, start.processor, seed=args.seed + 2, task=args.demo_task)
     end_reward = window_mean(rewards)
     return {
         "method": method,
@@ -651,6 +732,7 @@ def run_summary(method: str, trainer, start: WarmStart, args: DemoArguments, sec
         "start_reward": sum(rewards[:REWARD_WINDOW]) / len(rewards[:REWARD_WINDOW]),
         "end_reward": end_reward,
         "steps_trained": trainer.state.global_step,
+        "rewards": rewards,
         "step_reaching_0.8": first_step_reaching(rewards),
         "greedy_accuracy_before": start.held_out.accuracy,
         "greedy_accuracy_after": held_out.accuracy,
@@ -690,9 +772,13 @@ def save_trained_model(trainer, processor: Any, masked: list[int], folder: Path)
 
 
 def spotlight_trained_model(
-    model: torch.nn.Module, processor: Any, args: DemoArguments, steps_trained: int
+    model: torch.nn.Module, processor: Any, args: DemoArguments, steps_trained: int, method: str = "vppo"
 ) -> dict[str, Path]:
-    """Token perception of the trained model on a held-out image: completions sampled as in training, with rewards."""
+    """
+    Token perception of the model `method` trained on a held-out image: completions sampled as in training, with
+    rewards, and the tokens `method` trains and the scales it gives them (GRPO: every token, at scale 1). Written to
+    `spotlight/` of the output folder (`<method>_spotlight/` for another method than VPPO).
+    """
     from .spotlight import perturbed_views, sample_perceptions, write_spotlight
 
     row = make_question_dataset(1, seed=args.seed + 4)[0]
@@ -700,18 +786,20 @@ def spotlight_trained_model(
     model.eval()
     perceptions = sample_perceptions(
         model, processor, QUESTION, row["images"], num_completions=SPOTLIGHT_COMPLETIONS, answer=row["answer"],
-        reward_func=sentence_reward, max_new_tokens=MAX_COMPLETION_LENGTH, seed=args.seed,
-        perturbation=args.perturbation, estimator=args.estimator, draws=SPOTLIGHT_DRAWS,
+        reward_func=args.demo_task.reward, max_new_tokens=args.demo_task.max_completion_length, seed=args.seed,
+        perturbation=args.perturbation, estimator=args.estimator, draws=SPOTLIGHT_DRAWS, **TRAINING_METHODS[method],
     )  # fmt: skip
     originals, perturbed = perturbed_views(model, processor, QUESTION, row["images"], args.perturbation, args.seed)
     model.train(was_training)
-    title = f"Token perception of the demo's VPPO model on a held-out {row['answer']} shape"
+    name = method.upper()
+    title = f"Token perception of the demo's {name} model on a held-out {row['answer']} shape"
     subtitle = (
-        f"tiny Qwen2.5-VL after {steps_trained} VPPO steps (seed {args.seed}) · {SPOTLIGHT_COMPLETIONS} completions "
-        f"sampled at temperature 1 · {args.perturbation}, {args.estimator}, {SPOTLIGHT_DRAWS} draws averaged"
+        f"tiny Qwen2.5-VL, {args.task} task, after {steps_trained} {name} steps (seed {args.seed}) · "
+        f"{SPOTLIGHT_COMPLETIONS} completions sampled at temperature 1 · {args.perturbation}, {args.estimator}, "
+        f"{SPOTLIGHT_DRAWS} draws averaged · marked: the tokens {name} trains"
     )
-    paths = write_spotlight(Path(args.output_dir) / "spotlight", perceptions, originals, perturbed, QUESTION,
-                            title=title, subtitle=subtitle)  # fmt: skip
+    folder = Path(args.output_dir) / ("spotlight" if method == "vppo" else f"{method}_spotlight")
+    paths = write_spotlight(folder, perceptions, originals, perturbed, QUESTION, title=title, subtitle=subtitle)
     correct = sum(item.reward for item in perceptions)
     mean_dependency = sum(item.trajectory_dependency for item in perceptions) / len(perceptions)
     print(
@@ -824,7 +912,7 @@ def run(args: DemoArguments) -> dict[str, Any]:
     began = time.perf_counter()
     print(
         f'Warm start: {args.warm_start_steps} supervised steps, {DESCRIBE_PROMPT!r} -> "A <colour> <shape>." and '
-        f'{QUESTION!r} -> "{answer_sentence("<random colour>")}"...'
+        f'{QUESTION!r} -> "{args.demo_task.answer(random.Random(args.seed), "<random colour>")}"...'
     )
     start = build_warm_start(args, output_dir / "warm_start")
     print(
@@ -847,7 +935,8 @@ def run(args: DemoArguments) -> dict[str, Any]:
         learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps,
         dynamic_sampling=args.dynamic_sampling,
-        dynamic_sampling_reward=sentence_reward.__name__,
+        task=args.task,
+        dynamic_sampling_reward=args.demo_task.reward.__name__,
         log=str(csv_path),
         plot=str(plot_path),
         model=str(model_dir),
@@ -873,6 +962,9 @@ def run(args: DemoArguments) -> dict[str, Any]:
         for line in (topped_up_line(grpo_rows), *held_out_lines(grpo_summary, "GRPO")):
             if line:
                 print(line)
+        if args.spotlight:
+            paths = spotlight_trained_model(grpo.model, start.processor, args, grpo.state.global_step, method="grpo")
+            summary["grpo"].update(spotlight=str(paths["perception.html"]), spotlight_png=str(paths["perception.png"]))
         print(f"GRPO verdict: {verdict(grpo_summary, args.quick)}. Plot: {comparison_path}")
     summary["total_seconds"] = time.perf_counter() - began
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
