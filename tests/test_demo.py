@@ -406,9 +406,18 @@ def test_the_chain_task_answers_with_free_words_then_the_sentence_and_rewards_th
     columns = list(zip(*(answer.split()[: demo.CHAIN_LENGTH] for answer in answers), strict=True))
     assert min(len(set(column)) for column in columns) >= 5
     assert not set(demo.CHAIN_WORDS) & set(COLOURS)
-    # The reward reads the first colour named, whatever the free words and whether the sentence is exact
-    completions = [answers[0], "so it The shape is red.", "now blue red", "well then", [{"content": answers[1]}]]
-    assert demo.named_colour_reward(completions, ["blue"] * 5) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    # The reward reads the colour of the first "The shape is <colour>" after at least 12 words, whichever they are
+    chain = " ".join(["so"] * demo.CHAIN_LENGTH)
+    right = [answers[0], f"{chain} it The shape is blue. then", [{"content": answers[1]}]]
+    right.append(f"{chain} The shape is blue")
+    right.append(f"A blue red {chain} The shape is blue.")  # the words need not be free words
+    assert demo.chain_reward(right, ["blue"] * len(right)) == [1.0] * len(right)
+    # Naming the colour in the warm start's other phrasing earns nothing, nor dropping the chain or part of it, nor a
+    # second sentence after a wrong one
+    wrong = ["A blue ellipse.", demo.answer_sentence("blue"), f"{chain} The shape is red. The shape is blue."]
+    wrong += [" ".join(["so"] * 11 + ["The shape is blue."]), f"{chain} The shape is blueish."]
+    wrong.append(f"{chain} the shape is blue")
+    assert demo.chain_reward(wrong, ["blue"] * len(wrong)) == [0.0] * len(wrong)
 
 
 def test_every_chain_word_is_one_token_and_the_answer_is_18_tokens():
@@ -446,3 +455,48 @@ def test_the_demo_refuses_an_unknown_task(capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(["--task", "essay"])
     assert "essay" in capsys.readouterr().err
+
+
+REGISTRATION = SWEEP_SCRIPT.parent / "registrations" / "chain_vppo_vs_grpo_v2.json"
+
+
+def test_the_registered_comparison_names_20_seeds_and_settings_the_sweep_has():
+    sweep = load_sweep()
+    registration = json.loads(REGISTRATION.read_text())
+    assert len(sweep.parse_seeds(registration["seeds"])) == 20
+    args = sweep.SweepArguments(registration=str(REGISTRATION))
+    sweep.apply_registration(args)
+    assert (args.task, args.seeds, args.steps) == ("chain", registration["seeds"], registration["settings"]["steps"])
+    assert sweep.parse_methods(args.methods) == ["vppo", "grpo", "tgf_only", "tas_only"]
+    # The registration it supersedes says why it was abandoned, and no seed of it is reused
+    first = json.loads((REGISTRATION.parent / "chain_vppo_vs_grpo.json").read_text())
+    assert first["status"].startswith("abandoned") and "chain_vppo_vs_grpo_v2.json" in first["status"]
+    assert not set(sweep.parse_seeds(first["seeds"])) & set(sweep.parse_seeds(registration["seeds"]))
+
+
+def test_a_flag_that_disagrees_with_the_registration_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_sweep().main(["--registration", str(REGISTRATION), "--steps", "40", "--output-dir", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert f"--registration: --steps 40 disagrees with {REGISTRATION}, which registers 100" in error
+    registered = tmp_path / "other.json"
+    registered.write_text(json.dumps({"seeds": "0-1", "settings": {"learning_rate": 0.1}}))
+    with pytest.raises(SystemExit):
+        load_sweep().main(["--registration", str(registered), "--output-dir", str(tmp_path)])
+    assert "registers 'learning_rate', which is not a flag of the sweep" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_sweep().main(["--registration", str(tmp_path / "missing.json")])
+    assert "--registration: no file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("seed*.json"))  # nothing trained
+
+
+def test_a_quick_chain_run_trains_the_18_token_answer_and_says_what_tgf_keeps(tmp_path, capsys):
+    summary = demo.main(["--quick", "--task", "chain", "--spotlight", "false", "--output-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "8 of the answer's 18 (with <|im_end|>)" in printed  # ceil(0.4 x 18)
+    assert summary["task"] == "chain" and summary["dynamic_sampling_reward"] == "chain_reward"
+    # The banner shows the warm start's chain: 12 free words, then the sentence
+    example = printed.split(f'{demo.QUESTION!r} -> "')[1].split('"')[0].split()
+    assert set(example[: demo.CHAIN_LENGTH]) <= set(demo.CHAIN_WORDS)
+    assert " ".join(example[demo.CHAIN_LENGTH :]) == "The shape is <random colour>."
+    assert len(summary["rewards"]) == QUICK_STEPS

@@ -7,7 +7,9 @@ choice). Everything is built locally, nothing is downloaded:
    word is one token, and the real Qwen2.5-VL processor (`vppo_trl.testing`).
 2. Task: a white 56-px image with one red, green, blue or yellow rectangle or ellipse, and the question "What colour
    is the shape?". The reward is 1 for exactly the sentence "The shape is <colour>." with the right colour: a
-   7-token answer (with `<|im_end|>`) of which only the colour word depends on the image.
+   7-token answer (with `<|im_end|>`) of which only the colour word depends on the image. `--task chain` puts 12
+   free words before the sentence, drawn anew in every completion, and rewards that format with the right colour:
+   1 token in 18 decides the reward, as in the paper's reasoning chains, where most tokens do not need the image.
 3. Warm start, the paper's regime in miniature (VPPO starts from a pretrained VLM, which already perceives): a short
    supervised phase teaches the model to tell the colours apart in another phrasing ("Describe the picture." ->
    "A green ellipse.") and the answer's format with a colour drawn independently of the image ("What colour is the
@@ -28,7 +30,7 @@ and per colour (with what each colour was mistaken for), and a verdict: LEARNED 
 steps is at least 0.8 and the held-out greedy accuracy at least 0.9. It writes to `--output-dir` the per-step log
 (`log.csv`), `summary.json`, a plot (`vppo_demo.png`), the trained model (`trainer/`) and its token perception on a
 held-out image (`spotlight/perception.html`, `.png` and `.json`). `--compare grpo` also trains TRL's GRPO from the
-same warm start and seed, and plots both reward curves.
+same warm start and seed, plots both reward curves and writes the GRPO model's token perception (`grpo_spotlight/`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -83,6 +86,8 @@ CHAIN_WORDS = (
     *("here", "next", "now", "well", "thus", "note", "check"),
 )
 CHAIN_LENGTH = 12
+# The sentence the chain task's reward reads its colour from: the first one of the completion.
+CHAIN_SENTENCE = re.compile(r"\bThe shape is (\w+)")
 # The vision tower's learning-rate multiple in benchmarks/learning.py (the demo's RL trained the tower at 5x until it
 # froze it: docs/demo.md, "Why runs stalled").
 VISION_LR_MULTIPLIER = 5.0
@@ -146,8 +151,8 @@ class DemoArguments:
         default="sentence",
         metadata={
             "help": "sentence: answer 'The shape is <colour>.' (7 tokens, rewarded when exact). chain: 12 free words "
-            "first, sampled anew in every completion, then the sentence; rewarded when the first colour named is "
-            "right (1 token in 18 decides the reward, the paper's regime in miniature: docs/demo.md).",
+            "first, sampled anew in every completion, then the sentence; rewarded when the sentence names the right "
+            "colour (1 token in 18 decides the reward, the paper's regime in miniature: docs/demo.md).",
             "choices": ("sentence", "chain"),
         },
     )
@@ -236,10 +241,19 @@ def chain_answer(rng: random.Random, colour: str) -> str:
     return " ".join([*(rng.choice(CHAIN_WORDS) for _ in range(CHAIN_LENGTH)), answer_sentence(colour)])
 
 
-def named_colour_reward(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
-    """TRL reward function: 1.0 when the first colour the completion names is `answer`; the free words earn nothing."""
-    texts = completion_texts(completions)
-    return [float(named_colour(text) == colour) for text, colour in zip(texts, answer, strict=True)]
+def chain_reward(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
+    """
+    TRL reward function: 1.0 when the completion's first "The shape is <colour>" names `answer` after at least
+    `CHAIN_LENGTH` words, else 0.0. Which words they are, and what follows the sentence, earns nothing. Without the
+    sentence, naming the colour in the warm start's other phrasing ("A blue ellipse.") would earn the reward; without
+    the count, dropping the free words would (both seen in pilot runs: benchmarks/LEARNING.md).
+    """
+    rewards = []
+    for text, colour in zip(completion_texts(completions), answer, strict=True):
+        said = CHAIN_SENTENCE.search(text)
+        chained = said is not None and len(text[: said.start()].split()) >= CHAIN_LENGTH
+        rewards.append(float(chained and said.group(1) == colour))
+    return rewards
 
 
 @dataclass(frozen=True)
@@ -267,8 +281,8 @@ TASKS = {
         "sentence", lambda rng, colour: answer_sentence(colour), sentence_reward, MAX_COMPLETION_LENGTH
     ),
     # The paper's regime in miniature: 12 free words that vary between completions and carry no reward, then the
-    # sentence; the reward reads the colour alone, so 1 token in 18 decides it (benchmarks/LEARNING.md).
-    "chain": DemoTask("chain", chain_answer, named_colour_reward, CHAIN_LENGTH + MAX_COMPLETION_LENGTH, CHAIN_WORDS),
+    # sentence; in the answer's format, the colour alone decides the reward: 1 token in 18 (benchmarks/LEARNING.md).
+    "chain": DemoTask("chain", chain_answer, chain_reward, CHAIN_LENGTH + MAX_COMPLETION_LENGTH, CHAIN_WORDS),
 }
 
 
