@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.learning_report import paired_bootstrap  # noqa: E402
+from benchmarks.learning_report import paired_bootstrap, spread  # noqa: E402
 from vppo_trl.testing import COLOURS  # noqa: E402
 from vppo_trl.tools import demo  # noqa: E402
 
@@ -256,6 +256,9 @@ def summarise(results: list[dict[str, Any]], args: SweepArguments) -> dict[str, 
         runs = [r["runs"][method] for r in results]
         summary[method] = {
             "learned": sum(run["learned"] for run in runs),
+            "reached_0.8": sum(run["step_reaching_0.8"] is not None for run in runs),
+            "accuracy": spread([run["greedy_accuracy_after"] for run in runs]),
+            "final_reward": spread([run["end_reward"] for run in runs]),
             "median_steps_trained": statistics.median(run["steps_trained"] for run in runs),
             "median_step_reaching_0.8": statistics.median(censored_steps(run, args.steps) for run in runs),
             "median_accuracy": statistics.median(run["greedy_accuracy_after"] for run in runs),
@@ -309,8 +312,13 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines.append("")
     for method in methods:
         part = summary[method]
+        accuracy, reward = part["accuracy"], part["final_reward"]
         lines.append(
-            f"- {method.upper()}: {part['learned']} of {len(results)} seeds learned; median steps trained "
+            f"- {method.upper()}: {part['learned']} of {len(results)} seeds learned, {part['reached_0.8']} reached "
+            f"0.8; held-out accuracy {accuracy['mean']:.2f} on average ({accuracy['min']:.2f}-{accuracy['max']:.2f}, "
+            f"standard deviation {accuracy['std']:.2f}), mean reward of the last {demo.REWARD_WINDOW} steps "
+            f"{reward['mean']:.2f} ({reward['min']:.2f}-{reward['max']:.2f}, {reward['std']:.2f}); median steps "
+            "trained "
             f"{part['median_steps_trained']:g}, median step reaching 0.8 {part['median_step_reaching_0.8']:g}, "
             f"median held-out accuracy {part['median_accuracy']:.2f}, training {part['median_train_seconds']:.0f} s "
             f"median and {part['max_train_seconds']:.0f} s at most ({part['median_train_cpu_seconds']:.0f} s CPU "
