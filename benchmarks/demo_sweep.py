@@ -249,6 +249,41 @@ def readout(run: dict[str, Any], name: str, steps: int) -> float:
     return run["greedy_accuracy_after"] if name == "held_out_accuracy" else run["end_reward"]
 
 
+def spotlight_folder(args: SweepArguments, seed: int, method: str) -> Path:
+    """Where the sweep wrote the spotlight of `method`'s model of `seed` (`demo.spotlight_trained_model`)."""
+    return Path(args.output_dir) / f"seed{seed}" / ("spotlight" if method == "vppo" else f"{method}_spotlight")
+
+
+def chain_form(args: SweepArguments, seeds: list[int], method: str) -> dict[str, float] | None:
+    """
+    What became of the chain in `method`'s trained policies, read from the 8 completions of each seed's spotlight:
+    the share of completions that still give at least `CHAIN_LENGTH` free words before their first "The shape is",
+    the colour words per completion (the answer needs 1), and the distinct free words per completion (12 words drawn
+    uniformly from 14 give 8.2 on average; a chain that repeats one word gives 1). None when a seed's spotlight is
+    missing.
+    """
+    completions = []
+    for seed in seeds:
+        path = spotlight_folder(args, seed, method) / "perception.json"
+        if not path.is_file():
+            return None
+        completions += [item["completion"] for item in json.loads(path.read_text())["completions"]]
+    kept, colours, distinct = 0, [], []
+    for text in completions:
+        said = demo.CHAIN_SENTENCE.search(text)
+        before = text[: said.start()].split() if said else text.split()
+        free = [word for word in before if word in demo.CHAIN_WORDS]
+        kept += said is not None and len(free) >= demo.CHAIN_LENGTH
+        colours.append(sum(word.strip(".").lower() in COLOURS for word in text.split()))
+        distinct.append(len(set(free)))
+    return {
+        "completions": len(completions),
+        "chain_kept": kept / len(completions),
+        "colour_words": statistics.fmean(colours),
+        "distinct_free_words": statistics.fmean(distinct),
+    }
+
+
 def summarise(results: list[dict[str, Any]], args: SweepArguments) -> dict[str, Any]:
     methods = parse_methods(args.methods)
     summary: dict[str, Any] = {"seeds": [r["seed"] for r in results], "steps": args.steps, "methods": methods}
@@ -270,6 +305,8 @@ def summarise(results: list[dict[str, Any]], args: SweepArguments) -> dict[str, 
                 max(max(run["load_average"]) for run in runs),
             ],
         }
+    if args.task == "chain" and args.spotlight:
+        summary["chain_form"] = {method: chain_form(args, summary["seeds"], method) for method in methods}
     summary["paired"] = {}
     for method in compared_methods(methods):
         summary["paired"][method] = {}
@@ -326,6 +363,21 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             "and ends)."
         )
     lines += census_lines(results, methods)
+    if summary.get("chain_form") and all(summary["chain_form"].values()):
+        lines += [
+            "",
+            "What became of the chain (the 8 completions of each seed's spotlight, a held-out image): the share that "
+            f"give at least {demo.CHAIN_LENGTH} free words before their first `The shape is`, the colour words per "
+            "completion, and the distinct free words per completion.",
+            "",
+            "| policy | chain kept | colour words | distinct free words |",
+            "|---|---|---|---|",
+        ]
+        for method, form in summary["chain_form"].items():
+            lines.append(
+                f"| after {method.upper()} | {form['chain_kept']:.2f} | {form['colour_words']:.2f} | "
+                f"{form['distinct_free_words']:.1f} |"
+            )
     if compared_methods(methods):
         lines += [
             "",

@@ -503,3 +503,21 @@ def test_a_quick_chain_run_trains_the_18_token_answer_and_says_what_tgf_keeps(tm
     assert set(example[: demo.CHAIN_LENGTH]) <= set(demo.CHAIN_WORDS)
     assert " ".join(example[demo.CHAIN_LENGTH :]) == "The shape is <random colour>."
     assert len(summary["rewards"]) == QUICK_STEPS
+
+
+def test_the_sweep_reads_what_became_of_the_chain_from_the_spotlights(tmp_path):
+    sweep = load_sweep()
+    chain = " ".join(demo.CHAIN_WORDS[:12])
+    completions = {
+        "vppo": [f"{chain} The shape is red. so", "shape blue shape red The shape is blue"],
+        "grpo": [" ".join(["then"] * 12) + " The shape is red", " ".join(["then"] * 11) + " The shape is red"],
+    }
+    for method, texts in completions.items():
+        folder = tmp_path / "seed7" / ("spotlight" if method == "vppo" else f"{method}_spotlight")
+        folder.mkdir(parents=True)
+        (folder / "perception.json").write_text(json.dumps({"completions": [{"completion": t} for t in texts]}))
+    args = sweep.SweepArguments(task="chain", output_dir=str(tmp_path))
+    vppo, grpo = (sweep.chain_form(args, [7], method) for method in ("vppo", "grpo"))
+    assert vppo == {"completions": 2, "chain_kept": 0.5, "colour_words": 2.0, "distinct_free_words": 6.0}
+    assert grpo == {"completions": 2, "chain_kept": 0.5, "colour_words": 1.0, "distinct_free_words": 1.0}
+    assert sweep.chain_form(args, [7, 8], "vppo") is None  # a seed without its spotlight
