@@ -238,7 +238,7 @@ def censored_steps(run: dict[str, Any], steps: int) -> int:
 # method's (higher is better) or the method's from GRPO's (steps: fewer is better). Positive favours the method.
 PAIRED_READOUTS = {
     "steps_to_0.8": ("steps to a 20-step mean reward of 0.8, GRPO minus the method", False),
-    "held_out_accuracy": ("final held-out greedy accuracy, the method minus GRPO", True),
+    "held_out_accuracy": ("held-out greedy accuracy when the run ends, the method minus GRPO", True),
     "final_reward": ("mean reward of the last 20 steps, the method minus GRPO", True),
 }
 
@@ -431,16 +431,17 @@ def census_lines(results: list[dict[str, Any]], methods: list[str]) -> list[str]
 
 
 def plot_curves(results: list[dict[str, Any]], methods: list[str], path: Path, title: str) -> None:
-    """Each method's 20-step mean reward against the step: mean over seeds, with the seeds' min-max band."""
+    """Each method's 20-step mean reward against the step: mean over seeds, with the seeds' min-max band. A run that
+    stopped early (its mean reached --stop_reward) is carried at its last value."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8, 4.5))
     axis = figure.subplots()
     for method in methods:
         curves = [demo.moving_means(r["runs"][method]["rewards"]) for r in results]
-        length = min(len(curve) for curve in curves)
+        length = max(len(curve) for curve in curves)
         steps = range(1, length + 1)
-        columns = [[curve[index] for curve in curves] for index in range(length)]
+        columns = [[curve[min(index, len(curve) - 1)] for curve in curves] for index in range(length)]
         line = axis.plot(steps, [statistics.fmean(column) for column in columns], linewidth=2, label=method.upper())
         axis.fill_between(
             steps, [min(c) for c in columns], [max(c) for c in columns], color=line[0].get_color(), alpha=0.12
