@@ -67,7 +67,11 @@ class SweepArguments:
     )
     output_dir: str = field(default="runs/demo_sweep", metadata={"help": "Where the per-seed results are written."})
     spotlight: bool = field(
-        default=True, metadata={"help": "Write the token perception of each VPPO model (seed<N>/spotlight/)."}
+        default=True,
+        metadata={
+            "help": "Write the token perception of each trained model (seed<N>/spotlight/ for VPPO, "
+            "seed<N>/<method>_spotlight/ for the others)."
+        },
     )
     methods: str = field(
         default="vppo",

@@ -5,8 +5,10 @@ import random
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import asdict
 
+import matplotlib
 import pytest
 import torch
 from PIL import Image
@@ -31,7 +33,14 @@ from vppo_trl.tools.spotlight import (
     token_perception,
     write_spotlight,
 )
-from vppo_trl.tools.spotlight_page import KEPT_COLOUR, DependencyScale, fraction_colour, perception_page
+from vppo_trl.tools.spotlight_page import (
+    KEPT_COLOUR,
+    DependencyScale,
+    drawable_text,
+    fraction_colour,
+    perception_page,
+    save_perception_png,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -371,3 +380,25 @@ def test_measures_tiled_and_patch_sequence_families(family, space):
     )
     assert len(perception.dependency) == len(perception.tokens) > 0
     assert max(perception.dependency) > 0
+
+
+def test_png_draws_characters_its_fonts_lack_as_escapes_without_a_warning_per_glyph(tmp_path):
+    """Real tokenizers decode to scripts and stray code points matplotlib's bundled fonts lack (an untrained model's
+    completion gave U+0381): the PNG writes them as escapes instead of empty boxes and a warning per glyph."""
+    assert drawable_text("red é ␣ ⇥ ↵ ·") == "red é ␣ ⇥ ↵ ·"
+    assert drawable_text("a\u0381中😀") == "a\\u0381\\u4e2d\\U0001f600"
+    # As the docs say: a font that has the character, first in font.monospace, draws it (DejaVu Sans has U+144A).
+    assert drawable_text("\u144a") == "\\u144a"
+    with matplotlib.rc_context({"font.monospace": ["DejaVu Sans", "DejaVu Sans Mono"]}):
+        assert drawable_text("\u144a") == "\u144a"
+    image = Image.new("RGB", (28, 20), "red")
+    item = TokenPerception(tokens=["\u0381", "中", " red", "<|im_end|>"], dependency=[1e-4, 0.02, 0.6, 0.01],
+                           kept=[False, False, True, True], trajectory_dependency=0.16, completion="\u0381中 red",
+                           special=[False, False, False, True])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_perception_png([item], [image], [image], "Qu'est-ce que c'est ? 中文", str(tmp_path / "p.png"),
+                            title="Token perception 中")  # fmt: skip
+    assert [str(warning.message) for warning in caught] == []
+    with Image.open(tmp_path / "p.png") as png:
+        assert png.width > 0

@@ -7,6 +7,7 @@ ignores the image, 1 or more for one that reads it), and a linear scale would le
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
@@ -82,6 +83,40 @@ def shown_text(text: str) -> str:
         else f"\\x{ord(char):02x}"
         if (ord(char) < 32 and char != "\n") or ord(char) == 127
         else char
+        for char in text
+    )
+
+
+@functools.cache
+def _drawable_code_points(family: str, candidates: tuple[str, ...]) -> frozenset[int]:
+    """
+    The code points matplotlib can draw in the generic `family`: those of the one font it picks for it, the first
+    installed of its `font.<family>` list, passed as `candidates` so that a change to the list is a new cache entry
+    (matplotlib falls back across a text's families, not across that list).
+    """
+    from matplotlib import font_manager, ft2font
+
+    return frozenset(
+        ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties(family=[family]))).get_charmap()
+    )
+
+
+def drawable_text(text: str, family: str = "monospace") -> str:
+    """
+    `text` as the PNG can draw it in matplotlib's generic `family` ("monospace", "sans-serif"): a character the font
+    it picks for that family lacks is written as its escape (`\\u0381`, `\\u4e2d`) instead of an empty box and a
+    warning per glyph (real tokenizers decode to scripts and stray code points the bundled DejaVu fonts lack; the HTML
+    page, drawn by the browser with its own font fallback, keeps them).
+    """
+    from matplotlib import rcParams
+
+    drawable = _drawable_code_points(family, tuple(rcParams[f"font.{family}"]))
+    return "".join(
+        char
+        if char in "\n\t" or ord(char) in drawable
+        else f"\\u{ord(char):04x}"
+        if ord(char) <= 0xFFFF
+        else f"\\U{ord(char):08x}"
         for char in text
     )
 
@@ -279,7 +314,7 @@ def _layout_tokens(item, width: float) -> list[tuple[float, float, float, str, b
         for piece_index, piece in enumerate(text.split("\n")):
             if piece_index:  # a newline inside the token: the next piece starts a new row
                 x, row = 0.0, row + 1
-            shown = shown_text(piece) if piece or len(text.split("\n")) == 1 else "↵"
+            shown = drawable_text(shown_text(piece)) if piece or len(text.split("\n")) == 1 else "↵"
             size = TOKEN_FONT * 0.85 if special else TOKEN_FONT
             box = max(len(shown), 1) * 0.602 * size + 6
             if x + box > width and x > 0:
@@ -309,7 +344,7 @@ def save_perception_png(
     ordered = sorted(perceptions, key=lambda item: -item.trajectory_dependency)
     scale = DependencyScale.for_values([value for item in ordered for value in item.dependency])
     inner = FIGURE_WIDTH - 2 * MARGIN
-    prompt_lines = textwrap.wrap(" ".join(prompt.split()), width=int(inner / (0.602 * 10))) or [""]
+    prompt_lines = textwrap.wrap(drawable_text(" ".join(prompt.split())), width=int(inner / (0.602 * 10))) or [""]
     image_size = 150.0
     layouts = [_layout_tokens(item, inner) for item in ordered]
     height = MARGIN + 44 + image_size + 30 + 16 + 14 * len(prompt_lines) + 16 + 52
@@ -334,8 +369,8 @@ def save_perception_png(
         canvas.text(left, top + side + 12, caption, fontsize=8, color="#444", va="center")
 
     y = MARGIN
-    canvas.text(MARGIN, y + 8, title, fontsize=15, fontweight="bold", va="center")
-    canvas.text(MARGIN, y + 28, subtitle, fontsize=8.5, color="#555", va="center")
+    canvas.text(MARGIN, y + 8, drawable_text(title, "sans-serif"), fontsize=15, fontweight="bold", va="center")
+    canvas.text(MARGIN, y + 28, drawable_text(subtitle, "sans-serif"), fontsize=8.5, color="#555", va="center")
     y += 44
     left = MARGIN
     for index, (image, perturbed) in enumerate(zip(images, perturbed_images, strict=True)):
