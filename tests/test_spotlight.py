@@ -36,6 +36,7 @@ from vppo_trl.tools.spotlight import (
 from vppo_trl.tools.spotlight_page import (
     KEPT_COLOUR,
     DependencyScale,
+    _layout_tokens,
     drawable_text,
     fraction_colour,
     perception_page,
@@ -400,5 +401,7 @@ def test_png_draws_characters_its_fonts_lack_as_escapes_without_a_warning_per_gl
         save_perception_png([item], [image], [image], "Qu'est-ce que c'est ? 中文", str(tmp_path / "p.png"),
                             title="Token perception 中")  # fmt: skip
     assert [str(warning.message) for warning in caught] == []
-    with Image.open(tmp_path / "p.png") as png:
-        assert png.width > 0
+    # What the PNG draws for each token, and a box wide enough for the escape
+    drawn = [(box[3], box[2]) for box in _layout_tokens(item, 600.0)]
+    assert [text for text, _ in drawn] == ["\\u0381", "\\u4e2d", " red", "<|im_end|>"]
+    assert drawn[0][1] > drawn[2][1]

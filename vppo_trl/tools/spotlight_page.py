@@ -88,17 +88,11 @@ def shown_text(text: str) -> str:
 
 
 @functools.cache
-def _drawable_code_points(family: str, candidates: tuple[str, ...]) -> frozenset[int]:
-    """
-    The code points matplotlib can draw in the generic `family`: those of the one font it picks for it, the first
-    installed of its `font.<family>` list, passed as `candidates` so that a change to the list is a new cache entry
-    (matplotlib falls back across a text's families, not across that list).
-    """
-    from matplotlib import font_manager, ft2font
+def _font_code_points(path: str) -> frozenset[int]:
+    """The code points the font file at `path` has a glyph for."""
+    from matplotlib import ft2font
 
-    return frozenset(
-        ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties(family=[family]))).get_charmap()
-    )
+    return frozenset(ft2font.FT2Font(path).get_charmap())
 
 
 def drawable_text(text: str, family: str = "monospace") -> str:
@@ -108,9 +102,11 @@ def drawable_text(text: str, family: str = "monospace") -> str:
     warning per glyph (real tokenizers decode to scripts and stray code points the bundled DejaVu fonts lack; the HTML
     page, drawn by the browser with its own font fallback, keeps them).
     """
-    from matplotlib import rcParams
+    from matplotlib import font_manager
 
-    drawable = _drawable_code_points(family, tuple(rcParams[f"font.{family}"]))
+    # The one font matplotlib draws `family` with: the first installed of its `font.<family>` list (it falls back
+    # across a text's families, not across that list); `findfont` caches it and follows changes to the list.
+    drawable = _font_code_points(font_manager.findfont(font_manager.FontProperties(family=[family])))
     return "".join(
         char
         if char in "\n\t" or ord(char) in drawable
